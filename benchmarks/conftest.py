@@ -1,0 +1,26 @@
+"""Side-by-side summary: every benchmark group's time and saved bytes relative to 'reference'."""
+from collections import defaultdict
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = defaultdict(dict)
+    for bench in session.benchmarks:
+        info = bench.extra_info
+        if "provider" in info:
+            groups[bench.group][info["provider"]] = (bench.stats.median, info)
+    write = terminalreporter.write_line
+    write("")
+    write("vlood_fast: median time and bytes saved for backward (beyond inputs), vs reference")
+    write(f"{'group':<44} {'provider':<10} {'median s':>10} {'speedup':>8} {'saved MB':>10} {'saved ratio':>11}")
+    for group, rows in sorted(groups.items()):
+        ref_time, ref_info = rows.get("reference", (None, {}))
+        ref_saved = ref_info.get("saved_bytes")
+        for provider, (median, info) in sorted(rows.items()):
+            saved = info.get("saved_bytes")
+            speed = f"{ref_time / median:.2f}x" if ref_time else "-"
+            saved_mb = f"{saved / 2**20:.2f}" if saved is not None else "-"
+            ratio = (f"1/{ref_saved / saved:.0f}" if saved else "0") if ref_saved else "-"
+            write(f"{group:<44} {provider:<10} {median:>10.4f} {speed:>8} {saved_mb:>10} {ratio:>11}")

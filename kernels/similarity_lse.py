@@ -1,0 +1,158 @@
+"""Fused similarity + logsumexp: forward and backward Triton kernels.
+
+For image rows ``x_b`` and text rows ``t_k`` and a scale ``c`` the forward computes
+
+    lse_b = logsumexp_k(c * x_b . t_k)
+
+streaming K in tiles with an online max/sum (base 2, fp32), so the B x K logits never exist.
+The backward needs ``dx_b = c sum_k g_b p_bk t_k`` and ``dt_k = c sum_b g_b p_bk x_b`` with
+``p_bk = exp(c x_b . t_k - lse_b)``.  Both are the same "weighted sum" kernel: a row pass owns
+rows of ``dx`` and streams text tiles, a column pass owns rows of ``dt`` and streams image tiles.
+Each recomputes the similarity tile from the saved per-row lse; neither needs atomics, so the
+result is deterministic.
+
+Only ``@triton.jit`` code and thin launchers live here; autograd is in ``vlood_fast.ops``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _similarity_tile(a_ptr, b_ptr, offs_i, offs_j, mask_i, mask_j, D,
+                     stride_ai, stride_ad, stride_bj, stride_bd,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+    """[BLOCK_I, BLOCK_J] tile of a_i . b_j, accumulated in fp32 over D in BLOCK_D slices."""
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_d[None, :] * stride_ad,
+                    mask=mask_i[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_j[None, :] * stride_bj + offs_d[:, None] * stride_bd,
+                    mask=mask_j[None, :] & mask_d[:, None], other=0.0)
+        if DOT_FP32:
+            # fp32 inputs (and every dtype under the interpreter, whose bf16 math is wrong)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _lse_forward_kernel(x_ptr, t_ptr, lse_ptr, B, K, D,
+                        stride_xb, stride_xd, stride_tk, stride_td, scale_log2,
+                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        s = _similarity_tile(x_ptr, t_ptr, offs_b, offs_k, mask_b, mask_k, D,
+                             stride_xb, stride_xd, stride_tk, stride_td,
+                             BLOCK_B, BLOCK_K, BLOCK_D, DOT_FP32)
+        # log2 units: exp(c s) == exp2(c log2(e) s)
+        s = tl.where(mask_k[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    lse = (m + tl.log2(l)) * 0.6931471805599453
+    tl.store(lse_ptr + offs_b, lse, mask=mask_b)
+
+
+@triton.jit
+def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, out_ptr, NI, NJ, D,
+                             stride_ai, stride_ad, stride_bj, stride_bd, stride_oi, stride_od,
+                             scale_log2, scale,
+                             STATS_ON_I: tl.constexpr,
+                             BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DO: tl.constexpr, DOT_FP32: tl.constexpr):
+    """out_i[d-slice] = scale * sum_j g * exp(scale a_i . b_j - lse) * b_j[d-slice].
+
+    STATS_ON_I: lse/g are indexed by i (row pass: a = image rows, b = text rows); otherwise
+    by j (column pass: a = text rows, b = image rows).
+    """
+    pid_i = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < NI
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+    if STATS_ON_I:
+        lse_i = tl.load(lse_ptr + offs_i, mask=mask_i, other=0.0) * 1.4426950408889634
+        g_i = tl.load(g_ptr + offs_i, mask=mask_i, other=0.0)
+    acc = tl.zeros([BLOCK_I, BLOCK_DO], dtype=tl.float32)
+    for j0 in range(0, NJ, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < NJ
+        s = _similarity_tile(a_ptr, b_ptr, offs_i, offs_j, mask_i, mask_j, D,
+                             stride_ai, stride_ad, stride_bj, stride_bd,
+                             BLOCK_I, BLOCK_J, BLOCK_D, DOT_FP32)
+        s = s * scale_log2
+        if STATS_ON_I:
+            w = g_i[:, None] * tl.exp2(s - lse_i[:, None])
+        else:
+            lse_j = tl.load(lse_ptr + offs_j, mask=mask_j, other=0.0) * 1.4426950408889634
+            g_j = tl.load(g_ptr + offs_j, mask=mask_j, other=0.0)
+            w = g_j[None, :] * tl.exp2(s - lse_j[None, :])
+        w = tl.where(mask_i[:, None] & mask_j[None, :], w, 0.0)
+        y = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_do[None, :] * stride_bd,
+                    mask=mask_j[:, None] & mask_do[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(w, y.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(y.dtype), y, acc)
+    acc = acc * scale
+    tl.store(out_ptr + offs_i[:, None] * stride_oi + offs_do[None, :] * stride_od, acc,
+             mask=mask_i[:, None] & mask_do[None, :])
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or interpreting()
+
+
+def _block_d(D: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(D)))
+
+
+def lse_forward(x: torch.Tensor, t: torch.Tensor, scale: float,
+                block_b: int = 64, block_k: int = 64) -> torch.Tensor:
+    """lse_b = logsumexp_k(scale * x_b . t_k) as an fp32 [B] tensor."""
+    B, D = x.shape
+    K = t.shape[0]
+    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(B, block_b),)
+    _lse_forward_kernel[grid](
+        x, t, lse, B, K, D, x.stride(0), x.stride(1), t.stride(0), t.stride(1),
+        scale * LOG2E, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=_block_d(D),
+        DOT_FP32=_dot_fp32(x.dtype))
+    return lse
+
+
+def lse_weighted_sum(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                     scale: float, stats_on_rows: bool, block_i: int = 64, block_j: int = 64,
+                     block_do: int = 128) -> torch.Tensor:
+    """fp32 [NI, D]: scale * sum_j g * exp(scale a_i . b_j - lse) b_j (see the kernel)."""
+    NI, D = a.shape
+    NJ = b.shape[0]
+    out = torch.empty(NI, D, device=a.device, dtype=torch.float32)
+    block_do = max(16, min(block_do, triton.next_power_of_2(D)))
+    grid = (triton.cdiv(NI, block_i), triton.cdiv(D, block_do))
+    _lse_weighted_sum_kernel[grid](
+        a, b, lse, g, out, NI, NJ, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), scale * LOG2E, scale,
+        STATS_ON_I=stats_on_rows, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=_block_d(D),
+        BLOCK_DO=block_do, DOT_FP32=_dot_fp32(a.dtype))
+    return out

@@ -1,0 +1,20 @@
+"""Test setup: Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before triton decorates any kernel, i.e. before vlood_fast (and
+so vlood_fast.kernels) is imported anywhere in the test session.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("VLOOD_FAST_BACKEND", None)  # tests choose backends explicitly
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded generator per test: random inputs, never zeros, reproducible."""
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,18 @@
+"""vlood_fast: fast, memory-lean kernels for robust CLIP fine-tuning (CRoFT, OGEN).
+
+Every hot path has three implementations (reference / torch / triton) chosen per call by
+``vlood_fast.dispatch.resolve_backend``: CUDA tensors run Triton kernels, CPU tensors the
+chunked torch path, and ``VLOOD_FAST_BACKEND=reference|torch|triton`` overrides both.
+"""
+from .dispatch import BACKENDS, resolve_backend
+from .ops.similarity_lse import clip_cross_entropy, energy_score, similarity_logsumexp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "clip_cross_entropy",
+    "energy_score",
+    "resolve_backend",
+    "similarity_logsumexp",
+]
