@@ -73,16 +73,17 @@ def _lse_forward_kernel(x_ptr, t_ptr, lse_ptr, B, K, D,
 
 
 @triton.jit
-def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, out_ptr, NI, NJ, D,
+def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, h_ptr, y_ptr, out_ptr, NI, NJ, D,
                              stride_ai, stride_ad, stride_bj, stride_bd, stride_oi, stride_od,
                              scale_log2, scale,
-                             STATS_ON_I: tl.constexpr,
+                             STATS_ON_I: tl.constexpr, HAS_LABELS: tl.constexpr,
                              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DO: tl.constexpr, DOT_FP32: tl.constexpr):
-    """out_i[d-slice] = scale * sum_j g * exp(scale a_i . b_j - lse) * b_j[d-slice].
+    """out_i[d-slice] = scale * sum_j w_ij * b_j[d-slice], w = g * exp(scale a . b - lse) + h * onehot(y).
 
-    STATS_ON_I: lse/g are indexed by i (row pass: a = image rows, b = text rows); otherwise
-    by j (column pass: a = text rows, b = image rows).
+    STATS_ON_I: lse/g/h/y are indexed by i (row pass: a = image rows, b = text rows);
+    otherwise by j (column pass: a = text rows, b = image rows). HAS_LABELS adds the
+    cross-entropy target term h_b at (b, y_b).
     """
     pid_i = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -93,6 +94,9 @@ def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, out_ptr, NI, NJ, D,
     if STATS_ON_I:
         lse_i = tl.load(lse_ptr + offs_i, mask=mask_i, other=0.0) * 1.4426950408889634
         g_i = tl.load(g_ptr + offs_i, mask=mask_i, other=0.0)
+        if HAS_LABELS:
+            y_i = tl.load(y_ptr + offs_i, mask=mask_i, other=-1)
+            h_i = tl.load(h_ptr + offs_i, mask=mask_i, other=0.0)
     acc = tl.zeros([BLOCK_I, BLOCK_DO], dtype=tl.float32)
     for j0 in range(0, NJ, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -103,10 +107,16 @@ def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, out_ptr, NI, NJ, D,
         s = s * scale_log2
         if STATS_ON_I:
             w = g_i[:, None] * tl.exp2(s - lse_i[:, None])
+            if HAS_LABELS:
+                w += tl.where(offs_j[None, :] == y_i[:, None], h_i[:, None], 0.0)
         else:
             lse_j = tl.load(lse_ptr + offs_j, mask=mask_j, other=0.0) * 1.4426950408889634
             g_j = tl.load(g_ptr + offs_j, mask=mask_j, other=0.0)
             w = g_j[None, :] * tl.exp2(s - lse_j[None, :])
+            if HAS_LABELS:
+                y_j = tl.load(y_ptr + offs_j, mask=mask_j, other=-1)
+                h_j = tl.load(h_ptr + offs_j, mask=mask_j, other=0.0)
+                w += tl.where(offs_i[:, None] == y_j[None, :], h_j[None, :], 0.0)
         w = tl.where(mask_i[:, None] & mask_j[None, :], w, 0.0)
         y = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_do[None, :] * stride_bd,
                     mask=mask_j[:, None] & mask_do[None, :], other=0.0)
@@ -127,12 +137,13 @@ def _block_d(D: int) -> int:
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
-def lse_forward(x: torch.Tensor, t: torch.Tensor, scale: float,
+def lse_forward(x: torch.Tensor, t: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                 block_b: int = 64, block_k: int = 64) -> torch.Tensor:
-    """lse_b = logsumexp_k(scale * x_b . t_k) as an fp32 [B] tensor."""
+    """lse_b = logsumexp_k(scale * x_b . t_k) as an fp32 [B] tensor (written to ``out`` if given)."""
     B, D = x.shape
     K = t.shape[0]
-    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    lse = torch.empty(B, device=x.device, dtype=torch.float32) if out is None else out
+    assert lse.shape == (B,) and lse.dtype == torch.float32 and lse.stride(0) == 1
     grid = (triton.cdiv(B, block_b),)
     _lse_forward_kernel[grid](
         x, t, lse, B, K, D, x.stride(0), x.stride(1), t.stride(0), t.stride(1),
@@ -142,17 +153,25 @@ def lse_forward(x: torch.Tensor, t: torch.Tensor, scale: float,
 
 
 def lse_weighted_sum(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                     scale: float, stats_on_rows: bool, block_i: int = 64, block_j: int = 64,
-                     block_do: int = 128) -> torch.Tensor:
-    """fp32 [NI, D]: scale * sum_j g * exp(scale a_i . b_j - lse) b_j (see the kernel)."""
+                     scale: float, stats_on_rows: bool, h: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     block_i: int = 64, block_j: int = 64, block_do: int = 128) -> torch.Tensor:
+    """fp32 [NI, D]: scale * sum_j (g P + h onehot(labels))_ij b_j (see the kernel).
+
+    lse, g, h and labels are contiguous vectors indexed by the image rows (a's rows when
+    ``stats_on_rows``, b's rows otherwise); h and labels go together or not at all.
+    """
     NI, D = a.shape
     NJ = b.shape[0]
-    out = torch.empty(NI, D, device=a.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(NI, D, device=a.device, dtype=torch.float32)
+    assert out.shape == (NI, D) and out.dtype == torch.float32
     block_do = max(16, min(block_do, triton.next_power_of_2(D)))
     grid = (triton.cdiv(NI, block_i), triton.cdiv(D, block_do))
+    has_labels = labels is not None
     _lse_weighted_sum_kernel[grid](
-        a, b, lse, g, out, NI, NJ, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a, b, lse, g, h if has_labels else g, labels if has_labels else g, out, NI, NJ, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), scale * LOG2E, scale,
-        STATS_ON_I=stats_on_rows, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=_block_d(D),
+        STATS_ON_I=stats_on_rows, HAS_LABELS=has_labels, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=_block_d(D),
         BLOCK_DO=block_do, DOT_FP32=_dot_fp32(a.dtype))
     return out

@@ -54,37 +54,52 @@ def _torch_probabilities(xs, t_chunk, neg_lse):
     return torch.addmm(neg_lse, xs, t_chunk.t()).exp_()
 
 
-def _torch_grad(x, t, lse, g, scale, need_x, need_t, probabilities=None):
-    """dx = c diag(g) P t, dt = c P^T diag(g) x, chunked over K (or from a kept P).
+def _target_similarity(x, t, labels, scale, acc):
+    """scale * x_b . t_{y_b}: a [B, D] gather, never a B x K pass."""
+    return (x.to(acc) * t[labels].to(acc)).sum(dim=1).mul_(scale)
 
-    g and c scale B x D operands (x rows, dx rows) rather than each B x K chunk.
+
+def _torch_grad(x, t, lse, g, h, labels, scale, need_x, need_t, probabilities=None):
+    """dx = c W t, dt = c W^T x with W = diag(g) P + diag(h) onehot(labels), chunked over K.
+
+    Without labels, g and c scale the thin [B, D] operands instead of each B x K chunk.
     """
     acc = lse.dtype
     x32 = x.to(acc)
     xs = x32 * scale
     neg_lse = -lse[:, None]
-    gx = x32 * (g * scale)[:, None] if need_t else None
+    if labels is None:
+        row_scale = g * scale
+        gx = x32 * row_scale[:, None]
+    else:
+        rows = torch.arange(x.shape[0], device=x.device)
+        gx = xs
     dx = torch.zeros_like(x32) if need_x else None
     dt = torch.empty(t.shape, dtype=acc, device=t.device) if need_t else None
     step = _chunk(x.shape[0], t.shape[0])
     for k0 in range(0, t.shape[0], step):
         t32 = t[k0:k0 + step].to(acc)
-        p = probabilities if probabilities is not None else _torch_probabilities(xs, t32, neg_lse)
+        w = probabilities if probabilities is not None else _torch_probabilities(xs, t32, neg_lse)
+        if labels is not None:  # never scale a kept P in place: a retained graph reuses it
+            w = w * g[:, None] if probabilities is not None else w.mul_(g[:, None])
+            hit = (labels >= k0) & (labels < k0 + t32.shape[0])
+            w.index_put_((rows[hit], labels[hit] - k0), h[hit], accumulate=True)
         if need_x:
-            dx.addmm_(p, t32)
+            dx.addmm_(w, t32)
         if need_t:
-            torch.mm(p.t(), gx, out=dt[k0:k0 + step])
+            torch.mm(w.t(), gx, out=dt[k0:k0 + step])
     if need_x:
-        dx.mul_((g * scale)[:, None])
+        dx.mul_(row_scale[:, None] if labels is None else scale)
     return dx, dt
 
 
-def _torch_grad_backward(x, t, lse, g, gdx, gdt, scale):
-    """Closed-form vector-Jacobian product of ``_torch_grad`` w.r.t. (x, t, lse, g).
+def _torch_grad_backward(x, t, lse, g, h, labels, gdx, gdt, scale):
+    """Closed-form vector-Jacobian product of ``_torch_grad`` w.r.t. (x, t, lse, g, h).
 
     With P_bk = exp(c x_b.t_k - lse_b), Q = g P and M_bk = c (gdx_b . t_k + x_b . gdt_k):
     grad_x = c (Q M) t + c Q gdt, grad_t = c (Q M)^T x + c Q^T gdx,
-    grad_g = rowsum(P M), grad_lse = -g * grad_g.
+    grad_g = rowsum(P M), grad_lse = -g * grad_g; the label term (bilinear) adds
+    grad_h = M_{b, y_b}, grad_x_b += c h_b gdt_{y_b}, grad_t_{y_b} += c h_b gdx_b.
     """
     acc = lse.dtype
     x32 = x.to(acc)
@@ -114,7 +129,17 @@ def _torch_grad_backward(x, t, lse, g, gdx, gdt, scale):
         if gdx is not None:
             grad_t_chunk.addmm_(q.t(), gdx.to(acc), alpha=scale)
         grad_t[k0:k0 + step] = grad_t_chunk
-    return grad_x, grad_t, -g * grad_g, grad_g
+    grad_lse = -g * grad_g
+    grad_h = None
+    if labels is not None:
+        grad_h = torch.zeros_like(h)
+        if gdx is not None:
+            grad_h += scale * (gdx.to(acc) * t[labels].to(acc)).sum(dim=1)
+            grad_t.index_add_(0, labels, gdx.to(acc) * (scale * h)[:, None])
+        if gdt is not None:
+            grad_h += scale * (x32 * gdt[labels].to(acc)).sum(dim=1)
+            grad_x += gdt[labels].to(acc) * (scale * h)[:, None]
+    return grad_x, grad_t, grad_lse, grad_g, grad_h
 
 
 # ---------------------------------------------------------------- triton path
@@ -123,11 +148,15 @@ def _triton_forward(x, t, scale, keep_probabilities=False):
     return kernels.lse_forward(x, t, scale), None
 
 
-def _triton_grad(x, t, lse, g, scale, need_x, need_t, probabilities=None):
+def _triton_grad(x, t, lse, g, h, labels, scale, need_x, need_t, probabilities=None):
     from ..kernels import similarity_lse as kernels
     g = g.float().contiguous()
-    dx = kernels.lse_weighted_sum(x, t, lse, g, scale, stats_on_rows=True) if need_x else None
-    dt = kernels.lse_weighted_sum(t, x, lse, g, scale, stats_on_rows=False) if need_t else None
+    h = None if h is None else h.float().contiguous()
+    dx = dt = None
+    if need_x:
+        dx = kernels.lse_weighted_sum(x, t, lse, g, scale, True, h=h, labels=labels)
+    if need_t:
+        dt = kernels.lse_weighted_sum(t, x, lse, g, scale, False, h=h, labels=labels)
     return dx, dt
 
 
@@ -137,64 +166,59 @@ _GRAD = {"torch": _torch_grad, "triton": _triton_grad}
 
 # ---------------------------------------------------------------- autograd
 class _SimilarityLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, t, scale, backend):
-        lse, probabilities = _FORWARD[backend](x, t, scale, any(ctx.needs_input_grad[:2]))
-        ctx.save_for_backward(x, t, lse, probabilities)
-        ctx.scale, ctx.backend = scale, backend
-        return lse
+    """(x, t, labels) -> (lse, target) with target_b = c x_b . t_{y_b} (empty without labels).
+
+    lse is an output (not only saved) so that in the double backward the gradient reaching
+    the saved lse flows back through this node to x and t.
+    """
 
     @staticmethod
-    def backward(ctx, g):
-        x, t, lse, probabilities = ctx.saved_tensors
+    def forward(ctx, x, t, labels, scale, backend):
+        lse, probabilities = _FORWARD[backend](x, t, scale, any(ctx.needs_input_grad[:2]))
+        if labels is None:
+            target = lse.new_empty(0)
+            ctx.mark_non_differentiable(target)
+        else:
+            target = _target_similarity(x, t, labels, scale, lse.dtype)
+        ctx.save_for_backward(x, t, lse, labels, probabilities)
+        ctx.scale, ctx.backend = scale, backend
+        return lse, target
+
+    @staticmethod
+    def backward(ctx, g, h):
+        x, t, lse, labels, probabilities = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[:2]
-        dx, dt = _SimilarityLSEGrad.apply(x, t, lse, g, ctx.scale, ctx.backend, need_x, need_t,
-                                          probabilities)
-        return dx, dt, None, None
+        if g is None:
+            g = torch.zeros_like(lse)
+        if labels is None:
+            h = None
+        elif h is None:
+            h = torch.zeros_like(lse)
+        dx, dt = _SimilarityLSEGrad.apply(x, t, lse, g, h, labels, ctx.scale, ctx.backend,
+                                          need_x, need_t, probabilities)
+        return dx, dt, None, None, None
 
 
 class _SimilarityLSEGrad(torch.autograd.Function):
-    """(x, t, lse, g) -> (dx, dt); differentiable once more in closed form (torch ops)."""
+    """(x, t, lse, g, h) -> (dx, dt); differentiable once more in closed form (torch ops)."""
 
     @staticmethod
-    def forward(ctx, x, t, lse, g, scale, backend, need_x, need_t, probabilities):
-        dx, dt = _GRAD[backend](x, t, lse, g.to(lse.dtype), scale, need_x, need_t, probabilities)
-        ctx.save_for_backward(x, t, lse, g)
+    def forward(ctx, x, t, lse, g, h, labels, scale, backend, need_x, need_t, probabilities):
+        g = g.to(lse.dtype)
+        h = None if h is None else h.to(lse.dtype)
+        dx, dt = _GRAD[backend](x, t, lse, g, h, labels, scale, need_x, need_t, probabilities)
+        ctx.save_for_backward(x, t, lse, g, h, labels)
         ctx.scale = scale
         return (dx.to(x.dtype) if need_x else None, dt.to(t.dtype) if need_t else None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gdx, gdt):
-        x, t, lse, g = ctx.saved_tensors
-        grad_x, grad_t, grad_lse, grad_g = _torch_grad_backward(
-            x, t, lse, g.to(lse.dtype), gdx, gdt, ctx.scale)
-        return (grad_x.to(x.dtype), grad_t.to(t.dtype), grad_lse, grad_g.to(g.dtype),
-                None, None, None, None, None)
-
-
-class _TargetSimilarity(torch.autograd.Function):
-    """x_b . t_{y_b} without saving the gathered [B, D] text rows (recomputed in backward).
-
-    The backward is made of differentiable ops, so it supports double backward as is.
-    """
-
-    @staticmethod
-    def forward(ctx, x, t, labels):
-        ctx.save_for_backward(x, t, labels)
-        acc = _acc_dtype(x.dtype)
-        return (x.to(acc) * t[labels].to(acc)).sum(dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, t, labels = ctx.saved_tensors
-        dx = dt = None
-        if ctx.needs_input_grad[0]:
-            dx = (g[:, None] * t[labels].to(g.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            rows = (g[:, None] * x.to(g.dtype)).to(t.dtype)
-            dt = torch.zeros_like(t).index_add(0, labels, rows)
-        return dx, dt, None
+        x, t, lse, g, h, labels = ctx.saved_tensors
+        grad_x, grad_t, grad_lse, grad_g, grad_h = _torch_grad_backward(
+            x, t, lse, g, h, labels, gdx, gdt, ctx.scale)
+        return (grad_x.to(x.dtype), grad_t.to(t.dtype), grad_lse, grad_g, grad_h,
+                None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- public ops
@@ -226,7 +250,7 @@ def similarity_logsumexp(image_features, text_features, scale=1.0, *, backend=No
     which = resolve_backend(image_features.device, image_features.dtype, backend)
     if which == "reference":
         return torch.logsumexp(reference.clip_logits(image_features, text_features, scale), dim=1)
-    return _SimilarityLSE.apply(image_features, text_features, scale, which)
+    return _SimilarityLSE.apply(image_features, text_features, None, scale, which)[0]
 
 
 def energy_score(image_features, text_features, logit_scale=100.0, temperature=1.0, *, backend=None):
@@ -285,8 +309,8 @@ def clip_cross_entropy(image_features, text_features, labels, logit_scale=100.0,
     which = resolve_backend(image_features.device, image_features.dtype, backend)
     if which == "reference":
         return reference.clip_cross_entropy(image_features, text_features, labels, logit_scale, reduction)
-    lse = similarity_logsumexp(image_features, text_features, logit_scale, backend=which)
-    loss = lse - logit_scale * _TargetSimilarity.apply(image_features, text_features, labels)
+    lse, target = _SimilarityLSE.apply(image_features, text_features, labels, logit_scale, which)
+    loss = lse - target
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
