@@ -40,8 +40,9 @@ def _similarity_tile(a_ptr, b_ptr, offs_i, offs_j, mask_i, mask_j, D,
         b = tl.load(b_ptr + offs_j[None, :] * stride_bj + offs_d[:, None] * stride_bd,
                     mask=mask_j[None, :] & mask_d[:, None], other=0.0)
         if DOT_FP32:
-            # fp32 inputs (and every dtype under the interpreter, whose bf16 math is wrong)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            # fp32 inputs: tf32x3 (three tensor-core passes, ~fp32 accuracy); every dtype under
+            # the interpreter (its bf16 math is wrong; it computes this dot in plain fp32)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(a, b, acc)
     return acc
@@ -121,7 +122,7 @@ def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, h_ptr, y_ptr, out_ptr
         y = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_do[None, :] * stride_bd,
                     mask=mask_j[:, None] & mask_do[None, :], other=0.0)
         if DOT_FP32:
-            acc = tl.dot(w, y.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(w, y.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(w.to(y.dtype), y, acc)
     acc = acc * scale
@@ -129,33 +130,54 @@ def _lse_weighted_sum_kernel(a_ptr, b_ptr, lse_ptr, g_ptr, h_ptr, y_ptr, out_ptr
              mask=mask_i[:, None] & mask_do[None, :])
 
 
+# Launch configurations, shared by the launchers and the ahead-of-time compile report. Chosen
+# from `vlood-fast kernels` so that no specialization spills on sm_80 or sm_90: fp32 runs its
+# dots as tf32x3 (three tensor-core passes), which needs narrower D slices and 8 warps.
+CONFIGS = {
+    "fp32": dict(forward=dict(BLOCK_B=64, BLOCK_K=64, BLOCK_D=16, num_warps=8),
+                 backward=dict(BLOCK_I=64, BLOCK_J=32, BLOCK_D=16, BLOCK_DO=64, num_warps=8)),
+    "half": dict(forward=dict(BLOCK_B=64, BLOCK_K=64, BLOCK_D=64, num_warps=4),
+                 backward=dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=64, BLOCK_DO=128, num_warps=8)),
+}
+NUM_STAGES = 3
+
+
+def _config(dtype: torch.dtype, kind: str, D: int, **overrides) -> dict:
+    cfg = dict(CONFIGS["fp32" if dtype == torch.float32 else "half"][kind])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    # small D: do not sweep a 64-wide slice over 8 real columns (tl.dot needs >= 16)
+    cfg["BLOCK_D"] = max(16, min(cfg["BLOCK_D"], triton.next_power_of_2(D)))
+    if "BLOCK_DO" in cfg:
+        cfg["BLOCK_DO"] = max(16, min(cfg["BLOCK_DO"], triton.next_power_of_2(D)))
+    return cfg
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-def _block_d(D: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(D)))
-
-
 def lse_forward(x: torch.Tensor, t: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                block_b: int = 64, block_k: int = 64) -> torch.Tensor:
-    """lse_b = logsumexp_k(scale * x_b . t_k) as an fp32 [B] tensor (written to ``out`` if given)."""
+                **overrides) -> torch.Tensor:
+    """lse_b = logsumexp_k(scale * x_b . t_k) as an fp32 [B] tensor (written to ``out`` if given).
+
+    ``overrides`` replace entries of the launch configuration (BLOCK_B, BLOCK_K, ...).
+    """
     B, D = x.shape
     K = t.shape[0]
     lse = torch.empty(B, device=x.device, dtype=torch.float32) if out is None else out
     assert lse.shape == (B,) and lse.dtype == torch.float32 and lse.stride(0) == 1
-    grid = (triton.cdiv(B, block_b),)
+    cfg = _config(x.dtype, "forward", D, **overrides)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _lse_forward_kernel[grid](
         x, t, lse, B, K, D, x.stride(0), x.stride(1), t.stride(0), t.stride(1),
-        scale * LOG2E, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=_block_d(D),
-        DOT_FP32=_dot_fp32(x.dtype))
+        scale * LOG2E, DOT_FP32=_dot_fp32(x.dtype), num_stages=NUM_STAGES, **cfg)
     return lse
 
 
 def lse_weighted_sum(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                      scale: float, stats_on_rows: bool, h: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     block_i: int = 64, block_j: int = 64, block_do: int = 128) -> torch.Tensor:
+                     **overrides) -> torch.Tensor:
     """fp32 [NI, D]: scale * sum_j (g P + h onehot(labels))_ij b_j (see the kernel).
 
     lse, g, h and labels are contiguous vectors indexed by the image rows (a's rows when
@@ -166,12 +188,42 @@ def lse_weighted_sum(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, g: tor
     if out is None:
         out = torch.empty(NI, D, device=a.device, dtype=torch.float32)
     assert out.shape == (NI, D) and out.dtype == torch.float32
-    block_do = max(16, min(block_do, triton.next_power_of_2(D)))
-    grid = (triton.cdiv(NI, block_i), triton.cdiv(D, block_do))
+    cfg = _config(a.dtype, "backward", D, **overrides)
+    grid = (triton.cdiv(NI, cfg["BLOCK_I"]), triton.cdiv(D, cfg["BLOCK_DO"]))
     has_labels = labels is not None
     _lse_weighted_sum_kernel[grid](
-        a, b, lse, g, h if has_labels else g, labels if has_labels else g, out, NI, NJ, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), scale * LOG2E, scale,
-        STATS_ON_I=stats_on_rows, HAS_LABELS=has_labels, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=_block_d(D),
-        BLOCK_DO=block_do, DOT_FP32=_dot_fp32(a.dtype))
+        a, b, lse, g, h if has_labels else g, labels if has_labels else g, out, NI, NJ, D,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, scale, STATS_ON_I=stats_on_rows, HAS_LABELS=has_labels,
+        DOT_FP32=_dot_fp32(a.dtype), num_stages=NUM_STAGES, **cfg)
     return out
+
+
+def aot_specs():
+    """Every specialization the launchers use on a GPU (D >= 64), for ``vlood-fast kernels``."""
+    from vlood_fast.aot import KernelSpec
+    specs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        cfg = CONFIGS["fp32" if dtype == "fp32" else "half"]
+        fwd, bwd = dict(cfg["forward"]), dict(cfg["backward"])
+        fwd_warps, bwd_warps = fwd.pop("num_warps"), bwd.pop("num_warps")
+        dot32 = dtype == "fp32"
+        specs.append(KernelSpec(
+            "lse_forward", _lse_forward_kernel, dtype,
+            signature=dict(x_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lse_ptr="*fp32", B="i32", K="i32",
+                           D="i32", stride_xb="i32", stride_xd="i32", stride_tk="i32",
+                           stride_td="i32", scale_log2="fp32"),
+            constexprs=dict(fwd, DOT_FP32=dot32), num_warps=fwd_warps, num_stages=NUM_STAGES))
+        for rows in (True, False):
+            for labels in (False, True):
+                specs.append(KernelSpec(
+                    f"lse_weighted_sum[{'row' if rows else 'column'} pass"
+                    f"{', labels' if labels else ''}]", _lse_weighted_sum_kernel, dtype,
+                    signature=dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", lse_ptr="*fp32",
+                                   g_ptr="*fp32", h_ptr="*fp32", y_ptr="*i64", out_ptr="*fp32",
+                                   NI="i32", NJ="i32", D="i32", stride_ai="i32", stride_ad="i32",
+                                   stride_bj="i32", stride_bd="i32", stride_oi="i32",
+                                   stride_od="i32", scale_log2="fp32", scale="fp32"),
+                    constexprs=dict(bwd, STATS_ON_I=rows, HAS_LABELS=labels, DOT_FP32=dot32),
+                    num_warps=bwd_warps, num_stages=NUM_STAGES))
+    return specs

@@ -222,7 +222,7 @@ def test_kernels_stay_inside_their_views(rng, shape, dtype):
                                           (False, t, x, scale * p.T @ x.double())):
         out_buf = torch.full((a.shape[0] + 4, D + 6), SENTINEL)
         out = out_buf[1:1 + a.shape[0], 2:2 + D]
-        kernels.lse_weighted_sum(a, b, lse, g, scale, stats_on_rows, out=out, block_do=16)
+        kernels.lse_weighted_sum(a, b, lse, g, scale, stats_on_rows, out=out, BLOCK_DO=16)
         assert rel_err(out, expected) <= 1e-5
         untouched = torch.ones_like(out_buf, dtype=torch.bool)
         untouched[1:1 + a.shape[0], 2:2 + D] = False

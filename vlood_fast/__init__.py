@@ -6,13 +6,21 @@ chunked torch path, and ``VLOOD_FAST_BACKEND=reference|torch|triton`` overrides 
 """
 from .dispatch import BACKENDS, resolve_backend
 from .ops.similarity_lse import clip_cross_entropy, energy_score, similarity_logsumexp
+from .cache import FeatureCache, make_key, weights_fingerprint
+from .ood import ood_metrics, ood_score
+# vlood_fast.clip (open_clip glue) and vlood_fast.data are imported on demand: open_clip is optional.
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FeatureCache",
     "clip_cross_entropy",
     "energy_score",
+    "make_key",
+    "ood_metrics",
+    "ood_score",
     "resolve_backend",
     "similarity_logsumexp",
+    "weights_fingerprint",
 ]
