@@ -4,10 +4,12 @@ Errors name the argument and what was expected, so a shape bug surfaces at the c
 instead of deep inside a kernel launch.
 """
 import math
+import os
 from numbers import Real
 
 import torch
 
+CHECK_FINITE_ENV = "VLOOD_FAST_CHECK_FINITE"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -21,7 +23,19 @@ def check_matrix(name: str, tensor, dims: str = "[N, D]") -> torch.Tensor:
         raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty with shape {dims}, got {tuple(tensor.shape)}")
+    check_finite(name, tensor)
     return tensor
+
+
+def finite_checks_enabled() -> bool:
+    return os.environ.get(CHECK_FINITE_ENV, "0") == "1"
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """With VLOOD_FAST_CHECK_FINITE=1, reject NaN/Inf. Off by default: on CUDA the check is a
+    device-to-host sync per tensor."""
+    if finite_checks_enabled() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values ({CHECK_FINITE_ENV}=1 is set)")
 
 
 def check_same_dim(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
