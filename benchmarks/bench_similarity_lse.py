@@ -1,9 +1,10 @@
-"""Fused similarity + logsumexp: energy score and CLIP cross-entropy, forward + backward.
+"""Fused similarity + logsumexp: energy score and CLIP cross-entropy.
 
-    pytest benchmarks/bench_similarity_lse.py
+    .venv/bin/python -m pytest benchmarks/bench_similarity_lse.py
 
-Providers run side by side in one process: 'reference' (materialized B x K logits, plain
-autograd) and 'torch' (the chunked path; on CUDA add 'triton').
+Providers side by side in one process: 'reference' (materialized B x K logits, plain
+autograd), 'compiled' (torch.compile of the reference; forward+backward only), 'torch' (the
+chunked path) and, on CUDA, 'triton'. Modes: forward, backward, forward+backward.
 """
 import pytest
 import torch
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 import vlood_fast
 from vlood_fast.profiling import saved_tensor_bytes
+from vlood_fast.reference import energy as reference
+
+from common import DEVICE, MODES, compiled, providers, record, run_modes
 
 SHAPES = [(256, 1000, 512), (4096, 21843, 512)]
-PROVIDERS = ["reference", "torch"] + (["triton"] if torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(B, K, D):
@@ -25,28 +27,44 @@ def _inputs(B, K, D):
     return x, t, y
 
 
-OPS = {
-    "energy": lambda x, t, y, p: vlood_fast.energy_score(x, t, backend=p).sum(),
-    "cross_entropy": lambda x, t, y, p: vlood_fast.clip_cross_entropy(x, t, y, backend=p),
-}
+def _energy_ref(x, t):
+    return reference.energy_score(x, t).sum()
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-K{}-D{}".format(*s))
-@pytest.mark.parametrize("op", list(OPS))
-def test_forward_backward(benchmark, op, shape, provider):
+def _ce_ref(x, t, y):
+    return reference.clip_cross_entropy(x, t, y)
+
+
+def _loss(op, provider, shape):
+    """A callable (x, t, y) -> scalar for this op and provider."""
+    if op == "energy":
+        if provider == "compiled":
+            fn = compiled(_energy_ref, ("energy", shape))
+            return lambda x, t, y: fn(x, t)
+        return lambda x, t, y: vlood_fast.energy_score(x, t, backend=provider).sum()
+    if provider == "compiled":
+        return compiled(_ce_ref, ("ce", shape))
+    return lambda x, t, y: vlood_fast.clip_cross_entropy(x, t, y, backend=provider)
+
+
+CASES = [(op, shape, provider, mode)
+         for op in ("energy", "cross_entropy")
+         for shape in SHAPES
+         for provider in providers()
+         for mode in MODES
+         # the compiled reference is timed as a training step only (compile cost excluded)
+         if not (provider == "compiled" and mode != "forward+backward")]
+
+
+@pytest.mark.parametrize("op,shape,provider,mode", CASES,
+                         ids=["{}-B{}-K{}-D{}-{}-{}".format(o, *s, p, m) for o, s, p, m in CASES])
+def test_similarity_lse(benchmark, op, shape, provider, mode):
     x, t, y = _inputs(*shape)
-    fn = OPS[op]
-
-    def step():
-        x.grad = t.grad = None
-        fn(x, t, y, provider).backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
+    loss = _loss(op, provider, shape)
     big = shape[1] > 10000
-    benchmark.group = f"{op} fwd+bwd B={shape[0]} K={shape[1]} D={shape[2]}"
-    benchmark.extra_info.update(
-        provider=provider, op=op, mode="forward+backward", shape=list(shape), device=DEVICE,
-        saved_bytes=saved_tensor_bytes(lambda a, b: fn(a, b, y, provider), x, t))
-    benchmark.pedantic(step, rounds=3 if big else 20, warmup_rounds=1)
+    saved = saved_tensor_bytes(lambda a, b: loss(a, b, y), x, t) if provider != "compiled" else None
+    record(benchmark, group=f"{op} {mode} B={shape[0]} K={shape[1]} D={shape[2]}",
+           provider=provider, mode=mode, op=op, shape=shape, saved_bytes=saved)
+    if provider == "compiled":  # compile outside the timed region
+        loss(x, t, y).backward()
+    run_modes(benchmark, mode, lambda: loss(x, t, y), (x, t), rounds=3 if big else 20)

@@ -1,5 +1,14 @@
-"""Side-by-side summary: every benchmark group's time and saved bytes relative to 'reference'."""
-from collections import defaultdict
+"""Side-by-side summary: every benchmark group's time and saved bytes relative to 'reference'.
+
+OMP_WAIT_POLICY=PASSIVE: torch.compile's generated CPU kernels bring their own OpenMP thread
+team; with the default spin-waiting, the two teams starve each other on a 2-core machine and
+every provider after the first compile runs ~10x slower (measured; see NOTES.md).
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from collections import defaultdict  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
