@@ -7,6 +7,7 @@ A tiny architecture, ``TINY_MODEL`` (``"vlood-tiny"``: 32 px images, 1-layer tow
 is registered with open_clip on import for tests and demos without downloads.
 """
 import contextlib
+import copy
 import difflib
 import logging
 import os
@@ -340,6 +341,16 @@ class PromptLearner(torch.nn.Module):
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("token_prefix", prefix, persistent=False)
         self.register_buffer("token_suffix", suffix, persistent=False)
+
+    def __deepcopy__(self, memo):
+        """Copies share the frozen text tower and tokenizer: a teacher copy of this learner
+        costs one context tensor, not a second text encoder."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            shared = key in ("_tower", "tokenizer")
+            object.__setattr__(clone, key, value if shared else copy.deepcopy(value, memo))
+        return clone
 
     def _class_tokens(self, classnames):
         classnames = _check_classnames(classnames)

@@ -17,6 +17,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -84,3 +85,18 @@ def make_feature_world(num_classes: int = 40, num_unknown: int = 20, dim: int = 
     noise_levels = [noise] + [noise * 1.25] * (num_domains - 1)
     return FeatureWorld(F.normalize(codes, dim=1), codes, unknown, distortion, shifts,
                         noise_levels, seed)
+
+
+class WorldTextModel(nn.Module):
+    """The world's text encoder with a learnable, class-shared correction: the stand-in for a
+    prompt learner. ``forward()`` returns ``normalize(c_k + c_k R^T)`` for every known class;
+    R starts at zero, so the untrained model gives the zero-shot text anchors exactly.
+    """
+
+    def __init__(self, world: FeatureWorld):
+        super().__init__()
+        self.register_buffer("codes", world.codes.clone())
+        self.residual = nn.Parameter(torch.zeros(world.codes.shape[1], world.codes.shape[1]))
+
+    def forward(self):
+        return F.normalize(self.codes + self.codes @ self.residual.t(), dim=1)
