@@ -137,6 +137,17 @@ def average_gradients(parameters) -> None:
             p.grad.div_(size)
 
 
+def _mean_over_ranks(values: dict) -> dict:
+    """Average per-rank training logs, so every rank selects the same best epoch."""
+    rank, size = world()
+    if size == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: (t[i] / size).item() for i, k in enumerate(keys)}
+
+
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int):
     """This rank's batches of sample indices for an epoch, from (seed, epoch) alone.
 
@@ -210,7 +221,7 @@ def fit(*, modules: dict, optimizers: dict, step, evaluate, num_samples: int, co
         for m in modules.values():
             m.eval()
         with torch.no_grad():
-            metrics = {f"train_{k}": sum(v) / len(v) for k, v in logs.items()}
+            metrics = _mean_over_ranks({f"train_{k}": sum(v) / len(v) for k, v in logs.items()})
             metrics.update(evaluate(epoch))
         metrics.update(epoch=epoch, seconds=round(time.perf_counter() - started, 3), lr=lr)
         for key, value in metrics.items():
