@@ -25,9 +25,17 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# a small but CLIP-shaped architecture for CPU benchmarks (random init: about 9M parameters)
+SMALL_MODEL = "vlood-small"
+SMALL_CONFIG = {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 256, "patch_size": 8, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
+}
 DEFAULT_TEMPLATE = "a photo of a {}."
 
-__all__ = ["DEFAULT_TEMPLATE", "PromptLearner", "TINY_CONFIG", "TINY_MODEL", "class_text_features",
+__all__ = ["DEFAULT_TEMPLATE", "PromptLearner", "SMALL_CONFIG", "SMALL_MODEL", "TINY_CONFIG",
+           "TINY_MODEL", "class_text_features",
            "create_model", "encode_images", "register_model_config"]
 
 
@@ -46,6 +54,7 @@ def register_model_config(name: str, config: dict) -> None:
 
 
 register_model_config(TINY_MODEL, TINY_CONFIG)
+register_model_config(SMALL_MODEL, SMALL_CONFIG)
 
 
 @contextlib.contextmanager
