@@ -8,19 +8,36 @@ from .dispatch import BACKENDS, resolve_backend
 from .ops.similarity_lse import clip_cross_entropy, energy_score, similarity_logsumexp
 from .cache import FeatureCache, make_key, weights_fingerprint
 from .ood import ood_metrics, ood_score
+from .ops.edr import edr_penalty
+from .croft import CroftAdapter, CroftLoss, ShiftGenerator, croft_ood_score
+from .ogen import ClassStatistics, OgenGenerator, OgenLoss, class_neighbours
+from .ops.synthesis import topk_neighbours
+from .teacher import LocalMeanTeacher, distillation_loss
 # vlood_fast.clip (open_clip glue) and vlood_fast.data are imported on demand: open_clip is optional.
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CroftAdapter",
+    "CroftLoss",
+    "ShiftGenerator",
+    "croft_ood_score",
+    "edr_penalty",
+    "ClassStatistics",
     "FeatureCache",
+    "LocalMeanTeacher",
+    "OgenGenerator",
+    "OgenLoss",
+    "class_neighbours",
     "clip_cross_entropy",
+    "distillation_loss",
     "energy_score",
     "make_key",
     "ood_metrics",
     "ood_score",
     "resolve_backend",
     "similarity_logsumexp",
+    "topk_neighbours",
     "weights_fingerprint",
 ]

@@ -6,8 +6,8 @@ import sys
 
 def _demo(args) -> int:
     from .demo import run_demo
-    run_demo(seed=args.seed, epochs=args.epochs)
-    return 0
+    result = run_demo(seed=args.seed, epochs=args.epochs)
+    return 0 if all(result["checks"].values()) else 1
 
 
 def _kernels(args) -> int:
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         # user errors (missing paths, empty classes, unknown models): one clear line, exit 2
         print(f"vlood-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

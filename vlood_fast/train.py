@@ -13,8 +13,9 @@ import torch
 from . import _validation as V
 from .loop import TrainConfig, TrainResult, average_gradients, fit, seed_everything
 from .ood import harmonic_mean, ood_metrics
+from .ops.similarity_lse import similarity_logsumexp
 
-__all__ = ["TrainConfig", "TrainResult", "train_ogen", "evaluate_text_classifier"]
+__all__ = ["TrainConfig", "TrainResult", "train_croft", "train_ogen", "evaluate_text_classifier"]
 
 
 def _features(name, tensor, device):
@@ -48,6 +49,93 @@ def _config(config, weight_decay):
     if config.weight_decay is None:
         config = dataclasses.replace(config, weight_decay=weight_decay)
     return config
+
+
+def train_croft(train_features, train_labels, text_features, *, eval_sets=None, ood_sets=None,
+                config=None, wccf=True, preset="setup1", lambda1=1.0, lambda2=5.0, gen_steps=1,
+                ratio=0.2, ratio_text=0.5, logit_scale=100.0, device="cpu") -> TrainResult:
+    """Train CRoFT's adapters (and WCCF shift generator) on cached CLIP features.
+
+    Args:
+        train_features: ``[N, D]`` frozen, normalized image features; train_labels ``[N]``.
+        text_features: ``[K, D]`` frozen, normalized class text features.
+        eval_sets: ``{name: (features, labels)}`` scored every epoch (accuracy, ``<name>_acc``);
+            the first one selects the best epoch unless ``config.select`` says otherwise.
+        ood_sets: ``{name: features}`` of unknown classes: AUROC / FPR95 of the energy score
+            against the first eval set, every epoch (``<name>_auroc``, ``<name>_fpr95``).
+        wccf: train the shift generator (``gen_steps`` generator steps before each main step).
+        preset, lambda1, lambda2, ratio, ratio_text, logit_scale: see ``CroftLoss``.
+    Returns:
+        ``TrainResult`` with modules ``adapter`` (and ``generator``), holding the best epoch.
+
+    Example::
+
+        result = train_croft(feats, labels, text, eval_sets={"val": (vf, vl)}, ood_sets={"ood": of})
+        adapter = result["adapter"]
+    """
+    from .croft import CroftAdapter, CroftLoss, ShiftGenerator, croft_ood_score
+
+    config = _config(config, 0.1)
+    seed_everything(config.seed)
+    x = _features("train_features", train_features, device)
+    N, D = x.shape
+    text = _features("text_features", text_features, device)
+    if text.shape[1] != D:
+        raise ValueError(f"text_features has dim {text.shape[1]}, train_features has {D}")
+    y = _labels("train_labels", train_labels, N, text.shape[0], device)
+    eval_sets = {k: (_features(f"eval_sets[{k!r}]", f, device), l.to(device))
+                 for k, (f, l) in (eval_sets or {}).items()}
+    ood_sets = {k: _features(f"ood_sets[{k!r}]", f, device) for k, f in (ood_sets or {}).items()}
+    adapter = CroftAdapter(D, ratio, ratio_text).to(device)
+    generator = ShiftGenerator(D).to(device) if wccf else None
+    criterion = CroftLoss(adapter, generator, preset, lambda1, lambda2, logit_scale)
+    sgd = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizers = {"adapter": torch.optim.SGD(adapter.parameters(), **sgd)}
+    modules = {"adapter": adapter}
+    if wccf:
+        optimizers["generator"] = torch.optim.SGD(generator.parameters(), **sgd)
+        modules["generator"] = generator
+
+    def step(idx, epoch, progress):
+        logs = {}
+        if wccf:
+            for _ in range(gen_steps):
+                g_loss, g_parts = criterion.generator_step(x[idx], y[idx], text)
+                optimizers["generator"].zero_grad(set_to_none=True)
+                g_loss.backward()
+                average_gradients(generator.parameters())
+                optimizers["generator"].step()
+            logs["gen_total"] = g_parts["total"].item()
+        loss, parts = criterion.main(x[idx], y[idx], text)
+        optimizers["adapter"].zero_grad(set_to_none=True)
+        if generator is not None:
+            generator.zero_grad(set_to_none=True)  # the main step does not move M
+        loss.backward()
+        average_gradients(adapter.parameters())
+        optimizers["adapter"].step()
+        logs.update({k: v.item() for k, v in parts.items()})
+        return logs
+
+    def evaluate(epoch):
+        metrics = {}
+        v = adapter.text(text)
+        first = None
+        for name, (feats, labels) in eval_sets.items():
+            u = adapter.image(feats)
+            metrics[f"{name}_acc"] = _accuracy(u, v, labels)
+            first = first if first is not None else u
+        for name, feats in ood_sets.items():
+            if first is None:
+                raise ValueError("ood_sets need an in-distribution eval set to compare against")
+            m = ood_metrics(similarity_logsumexp(first, v, logit_scale),
+                            croft_ood_score(adapter, feats, text, logit_scale))
+            metrics[f"{name}_auroc"], metrics[f"{name}_fpr95"] = m["auroc"], m["fpr95"]
+        return metrics
+
+    select = config.select or (f"{next(iter(eval_sets))}_acc" if eval_sets else "train_total")
+    return fit(modules=modules, optimizers=optimizers, step=step, evaluate=evaluate,
+               num_samples=N, config=config, select=select, maximize=select != "train_total",
+               name="croft")
 
 
 def train_ogen(train_features, train_labels, text_model, num_base, *, eval_sets=None, config=None,
