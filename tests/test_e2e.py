@@ -49,6 +49,27 @@ def test_train_ogen_one_epoch_then_eval(folders, tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
 
+def test_extract_train_croft_eval(folders, tmp_path, capsys):
+    cache, run = tmp_path / "cache", tmp_path / "croft"
+    assert run_cli("extract", "--model", "vlood-tiny", "--data", folders / "train", folders / "test",
+                   "--cache", cache, "--quiet") == 0
+    capsys.readouterr()
+    argv = ["train", "croft", "--model", "vlood-tiny", "--train", folders / "train", "--val",
+            folders / "test", "--ood", folders / "ood", "--out", run, "--epochs", "2",
+            "--cache", cache, "--quiet", "--preset", "setup2"]
+    assert run_cli(*argv) == 0
+    out = capsys.readouterr().out
+    assert "encoder passes this run: 1" in out  # train and val were extracted before; ood now
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert {"val_acc", "ood_auroc", "ood_fpr95", "train_edr"} <= set(history[0])
+    assert run_cli("eval", "--run", run, "--data", folders / "test", "--ood", folders / "ood",
+                   "--cache", cache, "--quiet") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"acc", "auroc", "fpr95"} <= set(metrics)
+    assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["auroc"] <= 1.0
+
+
 def test_cli_errors_are_one_clear_line(folders, tmp_path, capsys):
     empty = tmp_path / "empty_class"
     (empty / "cat").mkdir(parents=True)

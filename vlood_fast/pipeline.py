@@ -38,15 +38,18 @@ class Encoder:
     def weights(self) -> str:
         return self.model.vlood_fast_info["weights"]
 
-    def images(self, dataset, split: str):
-        """(features [N, D], labels [N]) of an ``ImageFolderDataset``, from the cache if fresh."""
+    def images(self, dataset, name: str, label: str = "images"):
+        """(features [N, D], labels [N]) of an ``ImageFolderDataset``, from the cache if fresh.
+
+        ``name`` identifies the set (its folder): the same folder hits the same cache entry
+        whichever command or role (train, val, eval) asks for it."""
         from .clip import encode_images
-        key = make_key(split, model=self.name, weights=self.weights, files=dataset.files,
+        key = make_key(name, model=self.name, weights=self.weights, files=dataset.files,
                        transform=self.preprocess)
 
         def compute():
             feats, labels = encode_images(self.model, dataset, progress=self.progress,
-                                          desc=f"encoding {split}")
+                                          desc=f"encoding {label}")
             return {"features": feats, "labels": labels}
 
         entry = self.cache.get_or_compute(key, compute)
@@ -80,7 +83,8 @@ def _write_run(out_dir, info: dict):
 def extract(encoder: Encoder, root, *, domains=None, split="data"):
     """Encode a class-folder image set into the cache; returns (features, labels, classnames)."""
     ds = _dataset(root, domains=domains, transform=encoder.preprocess)
-    feats, labels = encoder.images(ds, f"{split}:{pathlib.Path(root).resolve()}")
+    name = str(pathlib.Path(root).resolve()) + (f"|domains={domains}" if domains else "")
+    feats, labels = encoder.images(ds, name, label=split)
     return feats, labels, ds.classnames
 
 
