@@ -40,8 +40,10 @@ def rel_err(a, b):
 def test_torch_path_fp64_equals_double_backward(rng, shape, preset, monkeypatch):
     inputs = make_inputs(rng, *shape)
     ref = penalty_and_grads(inputs, "reference", preset)
-    for chunk in (1 << 20, 5):  # one chunk, and several
+    # one chunk keeping v for the backward, one chunk recomputing it, several chunks
+    for chunk, keep in ((1 << 20, 1 << 20), (1 << 20, 0), (5, 1 << 20)):
         monkeypatch.setattr(ops, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(ops, "KEEP_TEXT_ELEMENTS", keep)
         got = penalty_and_grads(inputs, "torch", preset)
         for a, b in zip(got, ref):
             assert rel_err(a, b) <= 1e-10
@@ -109,13 +111,16 @@ def test_zero_rows_stay_finite(rng):
         assert torch.isfinite(R) and all(torch.isfinite(x).all() for x in grads)
 
 
-def test_saves_only_small_state_for_backward(rng):
+def test_saves_only_small_state_for_backward(rng, monkeypatch):
     N, K, D = 16, 300, 32
     inputs = [t.float().requires_grad_() for t in make_inputs(rng, N, K, D)]
-    fast = saved_tensor_bytes(lambda *a: vlood_fast.edr_penalty(*a, backend="torch"), *inputs)
     ref = saved_tensor_bytes(lambda *a: vlood_fast.edr_penalty(*a, backend="reference"), *inputs)
-    assert fast <= 4 * (D * D + N * D)  # G and sum_k P v
     assert ref >= 4 * N * K             # the reference keeps N x K tensors
+    kept = saved_tensor_bytes(lambda *a: vlood_fast.edr_penalty(*a, backend="torch"), *inputs)
+    assert kept <= 4 * (D * D + N * D + K * D + K)  # G, sum_k P v, and the small text state
+    monkeypatch.setattr(ops, "KEEP_TEXT_ELEMENTS", 0)  # large vocabularies: recompute v
+    lean = saved_tensor_bytes(lambda *a: vlood_fast.edr_penalty(*a, backend="torch"), *inputs)
+    assert lean <= 4 * (D * D + N * D)  # G and sum_k P v only
 
 
 def test_bad_inputs(rng):
@@ -165,3 +170,15 @@ def test_kernel_stays_inside_its_views(rng):
     inside = torch.zeros_like(out_buf, dtype=torch.bool)
     inside[:, 1:1 + NI, 2:2 + D] = True
     assert (out_buf[~inside] == sentinel).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (0, 2, 3), (1, 3)])
+def test_any_subset_of_gradients_matches_the_full_backward(rng, backend, wanted):
+    inputs = make_inputs(rng, 6, 9, 8, torch.float32)
+    full = penalty_and_grads(inputs, backend)[1:]
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    R = vlood_fast.edr_penalty(*leaves, ratio=0.3, ratio_text=0.6, temperature=0.7, backend=backend)
+    grads = torch.autograd.grad(R, [leaves[i] for i in wanted])
+    for i, grad in zip(wanted, grads):
+        assert torch.allclose(grad, full[i], rtol=1e-5, atol=1e-7)
