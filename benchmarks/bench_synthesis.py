@@ -45,12 +45,13 @@ def make_step(provider, U, C, D=512, k=3):
     gen, (q, bk, bv, w) = _inputs(U, C, D)
 
     def step():
-        q.grad = bk.grad = bv.grad = None
-        gen.zero_grad(set_to_none=True)
         feats, _ = gen.synthesize(q, bk, bv, k, backend=provider)
         (feats * w).sum().backward()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
+        # release what the step allocated, so a warm-up step leaves the baseline unchanged
+        q.grad = bk.grad = bv.grad = None
+        gen.zero_grad(set_to_none=True)
 
     return step
 
