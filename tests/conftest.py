@@ -6,6 +6,9 @@ so vlood_fast.kernels) is imported anywhere in the test session.
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+# torch.compile's CPU kernels (test_compile.py) bring a second OpenMP team; spin-waiting teams
+# starve each other on small machines and slow every later test ~10x (see benchmarks/NOTES.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.pop("VLOOD_FAST_BACKEND", None)  # tests choose backends explicitly
 
 import pytest  # noqa: E402

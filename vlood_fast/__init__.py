@@ -9,6 +9,7 @@ from .ops.similarity_lse import clip_cross_entropy, energy_score, similarity_log
 from .cache import FeatureCache, make_key, weights_fingerprint
 from .ood import ood_metrics, ood_score
 from .ops.edr import edr_penalty
+from .ops import library as _library  # noqa: F401  (registers the torch.compile custom ops)
 from .croft import CroftAdapter, CroftLoss, ShiftGenerator, croft_ood_score
 from .ogen import ClassStatistics, OgenGenerator, OgenLoss, class_neighbours
 from .ops.synthesis import topk_neighbours

@@ -222,6 +222,13 @@ class _SimilarityLSEGrad(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public ops
+def _apply(x, t, labels, scale, backend):
+    """The autograd Function eagerly; the opaque custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return torch.ops.vlood_fast.similarity_lse(x, t, labels, scale, backend)
+    return _SimilarityLSE.apply(x, t, labels, scale, backend)
+
+
 def _check_pair(image_features, text_features):
     V.check_matrix("image_features", image_features, "[B, D]")
     V.check_matrix("text_features", text_features, "[K, D]")
@@ -250,7 +257,7 @@ def similarity_logsumexp(image_features, text_features, scale=1.0, *, backend=No
     which = resolve_backend(image_features.device, image_features.dtype, backend)
     if which == "reference":
         return torch.logsumexp(reference.clip_logits(image_features, text_features, scale), dim=1)
-    return _SimilarityLSE.apply(image_features, text_features, None, scale, which)[0]
+    return _apply(image_features, text_features, None, scale, which)[0]
 
 
 def energy_score(image_features, text_features, logit_scale=100.0, temperature=1.0, *, backend=None):
@@ -309,7 +316,7 @@ def clip_cross_entropy(image_features, text_features, labels, logit_scale=100.0,
     which = resolve_backend(image_features.device, image_features.dtype, backend)
     if which == "reference":
         return reference.clip_cross_entropy(image_features, text_features, labels, logit_scale, reduction)
-    lse, target = _SimilarityLSE.apply(image_features, text_features, labels, logit_scale, which)
+    lse, target = _apply(image_features, text_features, labels, logit_scale, which)
     loss = lse - target
     if reduction == "mean":
         loss = loss.mean()
