@@ -13,6 +13,12 @@ os.environ.pop("VLOOD_FAST_BACKEND", None)  # tests choose backends explicitly
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI replays a fixed set of examples (no flaky red builds); locally hypothesis explores
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
