@@ -6,12 +6,14 @@ Providers side by side in one process: 'reference' (materialized B x K logits, p
 autograd), 'compiled' (torch.compile of the reference; forward+backward only), 'torch' (the
 chunked path) and, on CUDA, 'triton'. Modes: forward, backward, forward+backward.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vlood_fast
-from vlood_fast.profiling import saved_tensor_bytes
+from vlood_fast.profiling import child_peak_rss, saved_tensor_bytes
 from vlood_fast.reference import energy as reference
 
 from common import DEVICE, MODES, compiled, providers, record, run_modes
@@ -47,6 +49,31 @@ def _loss(op, provider, shape):
     return lambda x, t, y: vlood_fast.clip_cross_entropy(x, t, y, backend=provider)
 
 
+def make_step(op, provider, B, K, D):
+    """Inputs and a zero-argument fwd+bwd step: what a child process runs for peak memory."""
+    x, t, y = _inputs(B, K, D)
+    loss = _loss(op, provider, (B, K, D))
+
+    def step():
+        loss(x, t, y).backward()
+        x.grad = t.grad = None
+    return step
+
+
+def _peak_bytes(op, provider, shape):
+    """Peak RSS growth of one fwd+bwd step in a fresh process (CPU), or CUDA allocator stats."""
+    if DEVICE == "cuda":
+        step = make_step(op, provider, *shape)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return child_peak_rss(os.path.abspath(__file__) + ":make_step", op, provider, *shape)["delta_bytes"]
+
+
 CASES = [(op, shape, provider, mode)
          for op in ("energy", "cross_entropy")
          for shape in SHAPES
@@ -63,8 +90,9 @@ def test_similarity_lse(benchmark, op, shape, provider, mode):
     loss = _loss(op, provider, shape)
     big = shape[1] > 10000
     saved = saved_tensor_bytes(lambda a, b: loss(a, b, y), x, t) if provider != "compiled" else None
+    peak = _peak_bytes(op, provider, shape) if mode == "forward+backward" else None
     record(benchmark, group=f"{op} {mode} B={shape[0]} K={shape[1]} D={shape[2]}",
-           provider=provider, mode=mode, op=op, shape=shape, saved_bytes=saved)
+           provider=provider, mode=mode, op=op, shape=shape, saved_bytes=saved, peak_bytes=peak)
     if provider == "compiled":  # compile outside the timed region
         loss(x, t, y).backward()
     run_modes(benchmark, mode, lambda: loss(x, t, y), (x, t), rounds=3 if big else 20)

@@ -23,7 +23,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write = terminalreporter.write_line
     write("")
     write("vlood_fast: median time and bytes saved for backward (beyond inputs), vs reference")
-    write(f"{'group':<44} {'provider':<10} {'median s':>10} {'speedup':>8} {'saved MB':>10} {'saved ratio':>11}")
+    write(f"{'group':<44} {'provider':<10} {'median s':>10} {'speedup':>8} {'saved MB':>10} "
+          f"{'saved ratio':>11} {'peak MB':>9}")
     for group, rows in sorted(groups.items()):
         ref_time, ref_info = rows.get("reference", (None, {}))
         ref_saved = ref_info.get("saved_bytes")
@@ -32,4 +33,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             speed = f"{ref_time / median:.2f}x" if ref_time else "-"
             saved_mb = f"{saved / 2**20:.2f}" if saved is not None else "-"
             ratio = (f"1/{ref_saved / saved:.0f}" if saved else "0") if ref_saved else "-"
-            write(f"{group:<44} {provider:<10} {median:>10.4f} {speed:>8} {saved_mb:>10} {ratio:>11}")
+            peak = info.get("peak_bytes")
+            peak_mb = f"{peak / 2**20:.1f}" if peak is not None else "-"
+            write(f"{group:<44} {provider:<10} {median:>10.4f} {speed:>8} {saved_mb:>10} {ratio:>11} {peak_mb:>9}")

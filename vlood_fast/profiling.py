@@ -31,6 +31,8 @@ target, args, warmup, threads = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 where, _, name = target.rpartition(":")
 if where.endswith(".py"):
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(where)))  # the file's sibling modules
     spec = importlib.util.spec_from_file_location("_vlood_child_target", where)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
