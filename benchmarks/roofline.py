@@ -64,8 +64,63 @@ def similarity_lse(B, K, D, dtype="bf16"):
     return fused, reference, 4 * B, logits
 
 
+def edr(N, K, D, dtype="fp32", block_do_fwd=64, block_do_bwd=64):
+    """EDR fwd+bwd, text frozen (CRoFT's case). The adapted rows are fp32 whatever the input,
+    so every tile product is tf32x3. Each of the D / BLOCK_DO programs of a row block
+    recomputes its S (forward) or S and m (backward) tiles: that factor is in the FLOPs."""
+    rate, e = TENSOR_TF32X3, 4
+    sf, sb = D // block_do_fwd, D // block_do_bwd
+    nk = N * K * D
+    rows = (N + K) * D * e
+    fused = [
+        Launch("GEMMs e = g W^T, a = z W^T", 2 * K * D * D + 2 * N * D * D, (K + N) * D * e * 2, rate),
+        Launch("row pass (S, P v)", (2 * sf + 2) * nk, rows + N * D * e, rate),
+        Launch("column pass (S, P^T u)", (2 * sf + 2) * nk, rows + K * D * e, rate),
+        Launch("GEMMs beta^T g, alpha^T z", 2 * K * D * D + 2 * N * D * D, rows * 2, rate),
+        Launch("GEMMs edot = g H^T, adot", 2 * K * D * D + 2 * N * D * D, rows * 2, rate),
+        Launch("row pass (S, m, Q v, P vdot)", (6 * sb + 4) * nk, 2 * rows + 2 * N * D * e, rate),
+        Launch("column pass (S, m, three sums)", (6 * sb + 6) * nk, 2 * rows + 3 * K * D * e, rate),
+        Launch("GEMMs grad W_t = ge^T g, grad z, grad W_i", 2 * K * D * D + 6 * N * D * D, rows * 3, rate),
+    ]
+    nk_bytes = N * K * e
+    ref_rate = SIMT_FP32
+    reference = [
+        Launch("GEMMs: adapt z and g at W + delta", 2 * K * D * D + 2 * N * D * D, rows * 2, ref_rate),
+        Launch("S, exp, sum (Phi)", 2 * nk, rows + 3 * nk_bytes, ref_rate),
+        Launch("grad Phi -> u, v (2 GEMMs), normalize backward", 4 * nk, 4 * nk_bytes + 4 * rows, ref_rate),
+        Launch("grad -> delta (2 GEMMs, [D,K]x[K,D])", 2 * K * D * D + 2 * N * D * D, 2 * rows, ref_rate),
+        Launch("double backward: N x K passes (~4 GEMMs)", 8 * nk, 8 * nk_bytes + 6 * rows, ref_rate),
+        Launch("double backward: D x D side (~3 [K,D]x[D,D])", 6 * K * D * D, 8 * rows, ref_rate),
+    ]
+    return fused, reference, (D * D + N * D) * e, 6 * nk_bytes + 4 * K * D * e
+
+
+def synthesis(U, C, D, k=3, dtype="bf16"):
+    """OGEN synthesis fwd+bwd: the U x C search dominates; the fused kernel keeps a running
+    top-k instead of writing the U x C matrix; projections/FFN are GEMMs on U k rows."""
+    e = 2 if dtype == "bf16" else 4
+    rate = TENSOR_BF16 if dtype == "bf16" else TENSOR_TF32X3
+    proj = 2 * U * D * D * (1 + 2 * k + 1 + 2)   # q, gathered k/v, out, FFN (2 layers)
+    fused = [
+        Launch("search + top-k + attention (one kernel)", 2 * U * C * D, (U + C) * D * e + U * k * 8, rate),
+        Launch("projections and FFN (GEMMs), forward", proj, 4 * U * D * e, rate),
+        Launch("backward: attention recomputed, projections", 2 * proj, 8 * U * D * e, rate),
+    ]
+    sim = U * C * 4
+    ref_rate = TENSOR_BF16 if dtype == "bf16" else SIMT_FP32
+    reference = [
+        Launch("similarity GEMM -> U x C matrix", 2 * U * C * D, (U + C) * D * e + sim, ref_rate),
+        Launch("topk over U x C", U * C, sim, ref_rate),
+        Launch("gather + projections + FFN, forward", proj, 6 * U * k * D * e, ref_rate),
+        Launch("backward (autograd)", 2 * proj, 12 * U * k * D * e, ref_rate),
+    ]
+    return fused, reference, U * k * 8, 0
+
+
 HOT_PATHS = {
-    "similarity_lse (CE fwd+bwd)": (similarity_lse, [(256, 1000, 512), (4096, 21843, 512)]),
+    "similarity_lse (CE fwd+bwd)": (similarity_lse, [(256, 1000, 512), (4096, 21843, 512)], ("bf16", "fp32")),
+    "EDR penalty (fwd+bwd, text frozen)": (edr, [(64, 400, 512), (256, 21843, 512)], ("fp32",)),
+    "OGEN synthesis (fwd+bwd, k=3)": (synthesis, [(1000, 1000, 512), (21843, 21843, 512)], ("bf16", "fp32")),
 }
 
 
@@ -73,11 +128,11 @@ def _mb(n):
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
-def table(dtypes=("bf16", "fp32")) -> str:
+def table() -> str:
     lines = ["| hot path | shape | dtype | fused: GFLOP / MB moved | reference: GFLOP / MB moved "
              "| predicted fused | predicted reference | predicted speedup | saved for backward: fused / reference |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, (model, shapes) in HOT_PATHS.items():
+    for name, (model, shapes, dtypes) in HOT_PATHS.items():
         for shape in shapes:
             for dtype in dtypes:
                 fused, reference, saved_fused, saved_ref = model(*shape, dtype=dtype)
@@ -88,7 +143,7 @@ def table(dtypes=("bf16", "fp32")) -> str:
                     f"| {name} | {' x '.join(map(str, shape))} | {dtype} "
                     f"| {ff / 1e9:.1f} / {fb / 2**20:.0f} | {rf / 1e9:.1f} / {rb / 2**20:.0f} "
                     f"| {tf * 1e3:.3f} ms | {tr * 1e3:.3f} ms | {tr / tf:.2f}x "
-                    f"| {_mb(saved_fused)} / {_mb(saved_ref)} |")
+                    f"| {_mb(saved_fused)} / {_mb(saved_ref) if saved_ref else 'see CPU table'} |")
     return "\n".join(lines)
 
 
