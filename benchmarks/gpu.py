@@ -41,8 +41,56 @@ def _lse_case(B, K, D, dtype):
     return make, (x, t), check
 
 
+def _edr_case(N, K, D, dtype):
+    import vlood_fast
+    from vlood_fast.reference.edr import edr_penalty as reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = F.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+    t = F.normalize(torch.randn(K, D, device="cuda", generator=g), dim=1).to(dtype)
+    eye = torch.eye(D, device="cuda", dtype=dtype)
+    wi, wt = eye.clone().requires_grad_(), eye.clone().requires_grad_()
+
+    def make(provider):
+        if provider == "compiled":
+            raise RuntimeError("torch.compile does not support the reference's double backward")
+        return lambda: vlood_fast.edr_penalty(z, t, wi, wt, backend=provider)
+
+    def check():
+        ref = reference(z.double(), t.double(), wi.double(), wt.double())
+        got = vlood_fast.edr_penalty(z, t, wi, wt, backend="triton").double()
+        err = ((got - ref).abs() / ref.abs()).item()
+        return err <= 1e-3, f"relative error {err:.2e}"
+
+    return make, (z, wi, wt), check
+
+
+def _synthesis_case(U, C, D, dtype, k=3):
+    import vlood_fast
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, bk, bv = (F.normalize(torch.randn(n, D, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+                 for n in (U, C, C))
+    gen = vlood_fast.OgenGenerator(D).to("cuda", dtype).eval()
+
+    def make(provider):
+        if provider == "compiled":
+            raise RuntimeError("the discrete top-k selection is not compiled here")
+        return lambda: gen.synthesize(q, bk, bv, k, backend=provider)[0].float().square().sum()
+
+    def check():
+        ref, ref_idx = gen.synthesize(q, bk, bv, k, backend="reference")
+        got, idx = gen.synthesize(q, bk, bv, k, backend="triton")
+        err = (got.float() - ref.float()).abs().max().item()
+        return bool((idx == ref_idx).float().mean() > 0.99) and err < 5e-2, f"max |err| {err:.2e}"
+
+    return make, (q, bk, bv), check
+
+
 CASES = {
     "cross_entropy": (_lse_case, [(256, 1000, 512), (4096, 21843, 512)]),
+    "edr_penalty": (_edr_case, [(64, 400, 512), (256, 21843, 512)]),
+    "ogen_synthesis": (_synthesis_case, [(1000, 1000, 512), (21843, 21843, 512)]),
 }
 PROVIDERS = ("reference", "compiled", "torch", "triton")
 
