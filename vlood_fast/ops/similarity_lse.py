@@ -62,34 +62,41 @@ def _target_similarity(x, t, labels, scale, acc):
 def _torch_grad(x, t, lse, g, h, labels, scale, need_x, need_t, probabilities=None):
     """dx = c W t, dt = c W^T x with W = diag(g) P + diag(h) onehot(labels), chunked over K.
 
-    Without labels, g and c scale the thin [B, D] operands instead of each B x K chunk.
+    Whenever W factors as diag(g) (P + onehot * ratio) (no labels; or the cross-entropy, where
+    h = -g), g and c scale the thin [B, D] operands instead of each B x K chunk.
     """
     acc = lse.dtype
     x32 = x.to(acc)
     xs = x32 * scale
     neg_lse = -lse[:, None]
-    if labels is None:
+    factored = labels is None or bool(torch.equal(h, -g))
+    if factored:
         row_scale = g * scale
         gx = x32 * row_scale[:, None]
     else:
-        rows = torch.arange(x.shape[0], device=x.device)
         gx = xs
+    if labels is not None:
+        rows = torch.arange(x.shape[0], device=x.device)
+        onehot = torch.full_like(g, -1.0) if factored else h
     dx = torch.zeros_like(x32) if need_x else None
     dt = torch.empty(t.shape, dtype=acc, device=t.device) if need_t else None
     step = _chunk(x.shape[0], t.shape[0])
     for k0 in range(0, t.shape[0], step):
         t32 = t[k0:k0 + step].to(acc)
         w = probabilities if probabilities is not None else _torch_probabilities(xs, t32, neg_lse)
-        if labels is not None:  # never scale a kept P in place: a retained graph reuses it
-            w = w * g[:, None] if probabilities is not None else w.mul_(g[:, None])
+        if labels is not None:
+            if probabilities is not None:  # never change a kept P in place: a retained graph reuses it
+                w = w.clone()
+            if not factored:
+                w.mul_(g[:, None])
             hit = (labels >= k0) & (labels < k0 + t32.shape[0])
-            w.index_put_((rows[hit], labels[hit] - k0), h[hit], accumulate=True)
+            w.index_put_((rows[hit], labels[hit] - k0), onehot[hit], accumulate=True)
         if need_x:
             dx.addmm_(w, t32)
         if need_t:
             torch.mm(w.t(), gx, out=dt[k0:k0 + step])
     if need_x:
-        dx.mul_(row_scale[:, None] if labels is None else scale)
+        dx.mul_(row_scale[:, None] if factored else scale)
     return dx, dt
 
 
