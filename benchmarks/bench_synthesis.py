@@ -69,4 +69,4 @@ def test_synthesis_forward_backward(benchmark, shape, provider):
     benchmark.extra_info.update(provider=provider, op="ogen_synthesis", mode="forward+backward",
                                 shape=list(shape), device=DEVICE, saved_bytes=saved,
                                 peak_bytes=peak)
-    benchmark.pedantic(step, rounds=3 if big else 10, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=3 if big else 30, warmup_rounds=1)

@@ -24,7 +24,6 @@ import triton.language as tl
 
 from .similarity_lse import _similarity_tile, interpreting
 
-BIG_INDEX = 2**31 - 1
 MAX_K = 8
 
 

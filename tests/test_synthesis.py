@@ -20,11 +20,14 @@ SHAPES = [(37, 50, 48, 4, 3), (20, 90, 40, 4, 5), (70, 30, 24, 2, 8), (5, 200, 3
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force the torch path through several query blocks and bank chunks on test shapes."""
+@pytest.fixture(params=["tables", "gathered"])
+def small_chunks(request, monkeypatch):
+    """Several query blocks and bank chunks on test shapes, and both backward modes: the
+    projected [C, D] tables kept for the backward, or per-chunk projection of gathered rows."""
     monkeypatch.setattr(S, "CHUNK_ELEMENTS", 256)  # 16 x 16 similarity chunks
     monkeypatch.setattr(S, "SEARCH_ROWS", 16)
+    if request.param == "gathered":
+        monkeypatch.setattr(S, "BACKWARD_TABLE_BYTES", 0)
 
 
 def _generator(rng, D, H, dropout=0.1):
@@ -50,7 +53,7 @@ def _rel(a, b):
 def _grads(gen, q, bk, bv, ex, k, backend, weights):
     leaves = [t.detach().clone().requires_grad_() for t in (q, bk, bv)]
     gen.zero_grad(set_to_none=True)
-    feats, idx = vlood_fast.ogen.OgenGenerator.synthesize(gen, *leaves, k, ex, backend=backend)
+    feats, idx = gen.synthesize(*leaves, k, ex, backend=backend)
     (feats.double() * weights).sum().backward()
     return feats, idx, [t.grad for t in leaves] + [p.grad for p in gen.parameters()]
 

@@ -77,7 +77,10 @@ def child_peak_rss(target: str, *args, warmup: int = 1, threads: int | None = No
     imports are in the baseline; everything the step allocates (outputs, gradients,
     temporaries) is in ``delta_bytes``, provided ``step`` releases what it allocates before
     returning (e.g. sets ``.grad`` to None at its end), so the warm-up leaves the baseline
-    unchanged. CPU only (peak RSS of host memory).
+    unchanged. The child runs with glibc's mmap threshold pinned at 64 KiB
+    (``MALLOC_MMAP_THRESHOLD_``): every block of that size or more is mapped on allocation and
+    unmapped on free, so RSS follows live memory instead of heap memory the warm-up left
+    behind (without it, small workloads can read as zero or negative growth). CPU only.
 
     Returns ``{"peak_bytes", "baseline_bytes", "delta_bytes", "method"}``.
 
@@ -90,9 +93,12 @@ def child_peak_rss(target: str, *args, warmup: int = 1, threads: int | None = No
     import subprocess
     import sys
 
+    import os
+
     payload = json.dumps([target, list(args), int(warmup), int(threads or torch.get_num_threads())])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, "-c", _CHILD_SCRIPT, payload], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"child process for {target}{tuple(args)} failed "
                            f"(exit {done.returncode}):\n{done.stderr[-4000:]}")

@@ -10,10 +10,11 @@ streams the bank in chunks per query block and merges a running top-k (torch pat
 the same in one Triton program per query block (triton path). Gradients reach queries, bank
 rows and every generator parameter through the attention, not through the selection.
 
-Memory: the forward keeps only the [U, k] indices and the dropout multiplier for backward
-(it projects the whole bank into transient [C, D] tables when that is fewer FLOPs, see
-``_project_bank``); the backward recomputes each query chunk's attention and epilogue from
-the gathered rows and backpropagates it in closed form, so its peak is the gradients.
+Memory: the forward keeps the [U, k] indices and the dropout multiplier for backward (it
+projects the whole bank into [C, D] tables when that is fewer FLOPs, see ``_project_bank``,
+and keeps them for the backward only while small, see ``BACKWARD_TABLE_BYTES``); the backward
+recomputes each query chunk's attention and epilogue and backpropagates it in closed form, so
+at large C its peak is the gradients themselves.
 """
 from collections import namedtuple
 
@@ -48,11 +49,15 @@ def _project_bank(U: int, C: int, k: int) -> bool:
 
 
 SEARCH_ROWS = 1024  # queries per search block: the bank is streamed once per block
+# The backward reuses the forward's projected [C, D] bank tables (and accumulates [C, D] table
+# gradients) only while those four buffers fit in this budget; above it, it projects the
+# gathered rows per chunk (more FLOPs when U k > C, but no [C, D] temporaries besides the grads).
+BACKWARD_TABLE_BYTES = 64 << 20
 
 
 def _query_block(k: int, D: int) -> int:
-    """Queries per attention chunk: [n, k, D] temporaries of ~1 MB (a dozen are alive at once)."""
-    return max(16, (CHUNK_ELEMENTS // 4) // (k * D))
+    """Queries per attention chunk: [n, k, D] temporaries of ~2 MB (a dozen are alive at once)."""
+    return max(16, (CHUNK_ELEMENTS // 2) // (k * D))
 
 
 # ---------------------------------------------------------------- search (torch path)
@@ -146,11 +151,11 @@ def _torch_forward(queries, bank_keys, bank_values, P, k, heads, exclude, mult):
     acc = P.wq.dtype
     U, D = queries.shape
     scaling = (D // heads) ** -0.5
+    idx = _torch_search(queries, bank_keys, k, exclude)
     kp = vp = None
     if _project_bank(U, bank_keys.shape[0], k):
         kp, vp = _bank_tables(bank_keys, bank_values, P, acc)
     out = torch.empty(U, D, dtype=queries.dtype, device=queries.device)
-    idx = _torch_search(queries, bank_keys, k, exclude)
     n = min(U, _query_block(k, D))
     for u0 in range(0, U, n):
         q = queries[u0:u0 + n].to(acc)
@@ -158,7 +163,7 @@ def _torch_forward(queries, bank_keys, bank_values, P, k, heads, exclude, mult):
         qs = torch.addmm(P.bq, q, P.wq.t()).mul_(scaling)
         _, ctx = _attend(qs, kg, vg, mult[u0:u0 + n] if mult is not None else None, heads)
         out[u0:u0 + n] = _normalize(_epilogue(q, ctx, P)[0])[0]
-    return out, idx
+    return out, idx, kp, vp
 
 
 def _triton_forward(queries, bank_keys, bank_values, P, k, heads, exclude, mult):
@@ -180,19 +185,21 @@ def _triton_forward(queries, bank_keys, bank_values, P, k, heads, exclude, mult)
                                       k, heads, multiplier=mult, indices=idx, search=False,
                                       row_from_slot=True)
     out = _normalize(_epilogue(q, ctx, P)[0])[0].to(queries.dtype)
-    return out, idx
+    return out, idx, kp, vp
 
 
 _FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
 
 
 # ---------------------------------------------------------------- backward (shared, chunked)
-def _backward(queries, bank_keys, bank_values, P, idx, mult, grad_out, heads, needs):
+def _backward(queries, bank_keys, bank_values, P, idx, mult, grad_out, heads, needs, kp=None, vp=None):
     """Closed-form gradients, recomputing each query chunk's forward from the saved indices.
 
-    Keys/values are projected for the gathered rows only (no [C, D] tables): the backward's
-    peak is then the gradients themselves plus [n, k, D] chunk temporaries.
+    Table mode (``kp``/``vp`` given): gather projected rows from the tables and accumulate
+    [C, D] table gradients, turned into bank gradients by one GEMM at the end. Gathered mode:
+    project the gathered rows per chunk; no [C, D] buffer besides the gradients themselves.
     """
+    tables = kp is not None
     acc = P.wq.dtype
     U, D = queries.shape
     k = idx.shape[1]
@@ -202,17 +209,22 @@ def _backward(queries, bank_keys, bank_values, P, idx, mult, grad_out, heads, ne
     need_params = any(needs[3:])
     g_par = {name: torch.zeros_like(getattr(P, name)) for name in P._fields} if need_params else None
     dq_all = torch.empty(U, D, dtype=queries.dtype, device=queries.device) if need_q else None
-    d_bank_keys = torch.zeros(bank_keys.shape, dtype=acc, device=queries.device) if need_bk else None
-    d_bank_values = torch.zeros(bank_values.shape, dtype=acc, device=queries.device) if need_bv else None
+    need_dk = need_bk or (tables and need_params)  # table mode: d(Kp) feeds dW_k too
+    need_dv = need_bv or (tables and need_params)
+    d_bank_keys = torch.zeros(bank_keys.shape, dtype=acc, device=queries.device) if need_dk else None
+    d_bank_values = torch.zeros(bank_values.shape, dtype=acc, device=queries.device) if need_dv else None
     n = min(U, _query_block(k, D))
     for u0 in range(0, U, n):
         q = queries[u0:u0 + n].to(acc)
         m = q.shape[0]
         flat = idx[u0:u0 + n].reshape(-1)
         mu = mult[u0:u0 + n] if mult is not None else None
-        kraw, vraw = bank_keys[flat].to(acc), bank_values[flat].to(acc)
-        kg = torch.addmm(P.bk, kraw, P.wk.t()).view(m, k, D)
-        vg = torch.addmm(P.bv, vraw, P.wv.t()).view(m, k, D)
+        if tables:
+            kg, vg = kp[flat].view(m, k, D), vp[flat].view(m, k, D)
+        else:
+            kraw, vraw = bank_keys[flat].to(acc), bank_values[flat].to(acc)
+            kg = torch.addmm(P.bk, kraw, P.wk.t()).view(m, k, D)
+            vg = torch.addmm(P.bv, vraw, P.wv.t()).view(m, k, D)
         qs = torch.addmm(P.bq, q, P.wq.t()).mul_(scaling)
         p, ctx = _attend(qs, kg, vg, mu, heads)
         y, hpre = _epilogue(q, ctx, P)
@@ -240,21 +252,35 @@ def _backward(queries, bank_keys, bank_values, P, idx, mult, grad_out, heads, ne
             g_par["b1"] += dh_.sum(0)
             g_par["wq"].addmm_(dqs.t(), q)
             g_par["bq"] += dqs.sum(0)
-            g_par["wk"].addmm_(dkg.t(), kraw)
-            g_par["bk"] += dkg.sum(0)
-            g_par["wv"].addmm_(dvg.t(), vraw)
-            g_par["bv"] += dvg.sum(0)
+            if not tables:
+                g_par["wk"].addmm_(dkg.t(), kraw)
+                g_par["bk"] += dkg.sum(0)
+                g_par["wv"].addmm_(dvg.t(), vraw)
+                g_par["bv"] += dvg.sum(0)
         if need_q:
             dq_all[u0:u0 + n] = torch.mm(dh_, P.w1).addmm_(dqs, P.wq)
-        if need_bk:
-            d_bank_keys.index_add_(0, flat, torch.mm(dkg, P.wk))
-        if need_bv:
-            d_bank_values.index_add_(0, flat, torch.mm(dvg, P.wv))
+        if need_dk:
+            d_bank_keys.index_add_(0, flat, dkg if tables else torch.mm(dkg, P.wk))
+        if need_dv:
+            d_bank_values.index_add_(0, flat, dvg if tables else torch.mm(dvg, P.wv))
+    if tables:  # d_bank_* hold d(Kp), d(Vp): dW = d(Kp)^T bank, d(bank) = d(Kp) W
+        if need_params:
+            g_par["wk"].addmm_(d_bank_keys.t(), bank_keys.to(acc))
+            g_par["bk"] += d_bank_keys.sum(0)
+            g_par["wv"].addmm_(d_bank_values.t(), bank_values.to(acc))
+            g_par["bv"] += d_bank_values.sum(0)
+        d_bank_keys = torch.mm(d_bank_keys, P.wk) if need_bk else None
+        d_bank_values = torch.mm(d_bank_values, P.wv) if need_bv else None
     if need_bk:
         d_bank_keys = d_bank_keys.to(bank_keys.dtype)
     if need_bv:
         d_bank_values = d_bank_values.to(bank_values.dtype)
     return dq_all, d_bank_keys, d_bank_values, g_par
+
+
+def _keep_tables(kp):
+    """Whether the backward reuses the forward's [C, D] tables (see BACKWARD_TABLE_BYTES)."""
+    return kp is not None and 4 * kp.numel() * kp.element_size() <= BACKWARD_TABLE_BYTES
 
 
 # ---------------------------------------------------------------- autograd
@@ -263,22 +289,27 @@ class _Synthesis(torch.autograd.Function):
     def forward(ctx, queries, bank_keys, bank_values, in_w, in_b, out_w, out_b, w1, b1, w2, b2,
                 exclude, mult, k, heads, backend):
         P = _split_params((in_w, in_b, out_w, out_b, w1, b1, w2, b2), _acc_dtype(queries.dtype))
-        out, idx = _FORWARD[backend](queries, bank_keys, bank_values, P, k, heads, exclude, mult)
+        out, idx, kp, vp = _FORWARD[backend](queries, bank_keys, bank_values, P, k, heads, exclude, mult)
+        if not _keep_tables(kp):
+            kp = vp = None
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(queries, bank_keys, bank_values, in_w, in_b, out_w, out_b, w1, b1,
-                              w2, b2, idx, mult)
+                              w2, b2, idx, mult, kp, vp)
         ctx.heads = heads
         return out, idx
 
     @staticmethod
     def backward(ctx, grad_out, _grad_idx):
         (queries, bank_keys, bank_values, in_w, in_b, out_w, out_b, w1, b1, w2, b2,
-         idx, mult) = ctx.saved_tensors
+         idx, mult, kp, vp) = ctx.saved_tensors
         params = (in_w, in_b, out_w, out_b, w1, b1, w2, b2)
         P = _split_params(params, _acc_dtype(queries.dtype))
+        if kp is not None and torch.is_grad_enabled():
+            # double backward: the saved tables carry no graph; rebuild them differentiably
+            kp, vp = _bank_tables(bank_keys, bank_values, P, P.wq.dtype)
         needs = ctx.needs_input_grad[:11]
         dq, dbk, dbv, g = _backward(queries, bank_keys, bank_values, P, idx, mult, grad_out,
-                                    ctx.heads, needs)
+                                    ctx.heads, needs, kp, vp)
         grads = [None] * 8
         if g is not None:
             grads = [torch.cat([g["wq"], g["wk"], g["wv"]]), torch.cat([g["bq"], g["bk"], g["bv"]]),
