@@ -149,13 +149,18 @@ def _synthesis_kernel(q_ptr, bank_ptr, qs_ptr, kp_ptr, vp_ptr, exclude_ptr, mult
                      mask=m2)
 
 
+# Chosen with `vlood-fast kernels` so no specialization spills on sm_80 / sm_90: fp32 tiles run
+# tf32x3 dots (more registers), so narrower D slices; half tiles use 8 warps.
+CONFIGS = {"fp32": dict(BLOCK_D=32, num_warps=4), "half": dict(BLOCK_D=64, num_warps=8)}
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
 def synthesis(queries, bank_keys, qs, kp, vp, k, num_heads, *, exclude=None, multiplier=None,
               indices=None, search=True, attend=True, row_from_slot=False, out=None,
-              block_u=16, block_c=64, block_d=64):
+              block_u=16, block_c=64, block_d=None):
     """Launch the synthesis kernel; returns (indices [U, k] int64, p [U, k, H] fp32, ctx [U, D] fp32).
 
     ``kp``/``vp`` are the projected key/value tables: [C, D] indexed by bank row, or
@@ -185,6 +190,8 @@ def synthesis(queries, bank_keys, qs, kp, vp, k, num_heads, *, exclude=None, mul
     qs_ = qs if attend else queries
     kp_ = kp if attend else queries
     vp_ = vp if attend else queries
+    cfg = CONFIGS["fp32" if queries.dtype == torch.float32 else "half"]
+    block_d = block_d or cfg["BLOCK_D"]
     grid = (triton.cdiv(U, block_u),)
     _synthesis_kernel[grid](
         queries, bank_keys, qs_, kp_, vp_,
@@ -200,5 +207,38 @@ def synthesis(queries, bank_keys, qs, kp, vp, k, num_heads, *, exclude=None, mul
         SEARCH=search, ATTEND=attend, ROW_FROM_SLOT=row_from_slot,
         HAS_EXCLUDE=exclude is not None, HAS_MULT=multiplier is not None,
         BLOCK_U=block_u, BLOCK_C=block_c, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(D))),
-        DOT_FP32=_dot_fp32(queries.dtype))
+        DOT_FP32=_dot_fp32(queries.dtype), num_warps=cfg["num_warps"])
     return indices, p, ctx
+
+
+def aot_specs(k=3, num_heads=4):
+    """The specializations the launchers use on a GPU (k=3, 4 heads), for ``vlood-fast kernels``:
+    search + attention over the projected bank tables (the bank is small), search alone, and
+    attention over gathered rows (the bank is large); with exclusion and dropout (training)."""
+    from vlood_fast.aot import KernelSpec
+    kp, khp = max(2, triton.next_power_of_2(k)), max(2, triton.next_power_of_2(k * num_heads))
+    modes = {
+        "search + attend (bank tables)": dict(SEARCH=True, ATTEND=True, ROW_FROM_SLOT=False,
+                                              HAS_EXCLUDE=False, HAS_MULT=False),
+        "search + attend (exclude, dropout)": dict(SEARCH=True, ATTEND=True, ROW_FROM_SLOT=False,
+                                                   HAS_EXCLUDE=True, HAS_MULT=True),
+        "search only": dict(SEARCH=True, ATTEND=False, ROW_FROM_SLOT=False, HAS_EXCLUDE=True,
+                            HAS_MULT=False),
+        "attend gathered rows": dict(SEARCH=False, ATTEND=True, ROW_FROM_SLOT=True,
+                                     HAS_EXCLUDE=False, HAS_MULT=True),
+    }
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        cfg = CONFIGS["fp32" if dtype == "fp32" else "half"]
+        for label, flags in modes.items():
+            signature = dict(q_ptr=f"*{dtype}", bank_ptr=f"*{dtype}", qs_ptr="*fp32", kp_ptr="*fp32",
+                             vp_ptr="*fp32", exclude_ptr="*i64", mult_ptr="*fp32", idx_ptr="*i64",
+                             p_ptr="*fp32", ctx_ptr="*fp32", U="i32", C="i32", D="i32", head_dim="i32")
+            for name in ("qu", "qd", "bc", "bd", "su", "sd", "kr", "kd", "vr", "vd", "cu", "cd"):
+                signature[f"stride_{name}"] = "i32"
+            specs.append(KernelSpec(
+                f"synthesis[{label}]", _synthesis_kernel, dtype, signature=signature,
+                constexprs=dict(flags, K=k, KP=kp, H=num_heads, KHP=khp, BLOCK_U=16, BLOCK_C=64,
+                                BLOCK_D=cfg["BLOCK_D"], DOT_FP32=dtype == "fp32"),
+                num_warps=cfg["num_warps"], num_stages=3))
+    return specs
