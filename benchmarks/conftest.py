@@ -19,13 +19,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for bench in session.benchmarks:
         info = bench.extra_info
         if "provider" in info:
-            groups[bench.group][info["provider"]] = (bench.stats.median, info)
+            groups[bench.group or bench.name][info["provider"]] = (bench.stats.median, info)
     write = terminalreporter.write_line
     write("")
     write("vlood_fast: median time and bytes saved for backward (beyond inputs), vs reference")
     write(f"{'group':<44} {'provider':<10} {'median s':>10} {'speedup':>8} {'saved MB':>10} "
           f"{'saved ratio':>11} {'peak MB':>9}")
-    for group, rows in sorted(groups.items()):
+    for group, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
         ref_time, ref_info = rows.get("reference", (None, {}))
         ref_saved = ref_info.get("saved_bytes")
         for provider, (median, info) in sorted(rows.items()):
