@@ -112,7 +112,8 @@ def plots(rows, out_dir: pathlib.Path):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{op}.png"
+        slug = "".join(c if c.isalnum() else "_" for c in op).strip("_")
+        path = out_dir / f"{slug}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
