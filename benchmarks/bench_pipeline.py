@@ -8,8 +8,9 @@
   feature cache and trains on cached features. Few-shot training (4 images per class), larger
   evaluation sets, as in the papers' protocols. Encoder passes are counted.
 - OGEN: one training step as OGEN's code runs it (image encoder every step, separate base and
-  new text forwards, and a second full forward after the warm-up) vs vlood_fast's step
-  (cached image features, one text forward for base + new classes). Small random open_clip
+  new text forwards over all 77 token positions, and a second full forward after the warm-up)
+  vs vlood_fast's step (cached image features, one text forward for base + new classes that
+  stops after the last end-of-text token: exact under the causal mask). Small random open_clip
   model ('vlood-small', 64 px images), 20 base + 20 new classes, batch 32.
 """
 import tempfile
@@ -50,8 +51,9 @@ def test_ogen_step(benchmark, ogen_setup, provider):
     generator = OgenGenerator(s["dim"])
     criterion = OgenLoss(generator, s["stats"].mean, s["stats"].std, warmup=0.2)
     if provider == "reference":
-        base = PromptLearner(s["model"], s["tokenizer"], s["names"][:NUM_BASE])
-        new = PromptLearner(s["model"], s["tokenizer"], s["names"][NUM_BASE:])
+        # OGEN's code (CoOp's prompt learner) runs all 77 positions of every prompt
+        base = PromptLearner(s["model"], s["tokenizer"], s["names"][:NUM_BASE], trim=False)
+        new = PromptLearner(s["model"], s["tokenizer"], s["names"][NUM_BASE:], trim=False)
         new.ctx = base.ctx  # one set of context vectors, as in OGEN's prompt learner
         opt = torch.optim.SGD([base.ctx, *generator.parameters()], lr=0.002, momentum=0.9)
 

@@ -156,6 +156,27 @@ def test_prompt_learner_trains_only_ctx(tiny):
                               atol=1e-4)
 
 
+def test_prompt_learner_trim_is_exact(tiny):
+    """Stopping the transformer after the last EOT changes nothing under the causal mask:
+    same features, same context gradient, for the learner's classes and for others."""
+    model, _, tokenizer = tiny
+    torch.manual_seed(0)
+    full = PromptLearner(model, tokenizer, NAMES, trim=False)
+    trimmed = PromptLearner(model, tokenizer, NAMES)
+    with torch.no_grad():  # a context away from the template, shared by both
+        full.ctx.add_(0.1 * torch.randn_like(full.ctx))
+        trimmed.ctx.copy_(full.ctx)
+    assert trimmed.trim and not full.trim
+    assert trimmed.tokens.shape[1] < full.tokens.shape[1] == full.context_length
+    weights = torch.randn(3, 32)
+    for names in (None, ["sea lion", "a much longer class name"]):
+        a, b = full(names), trimmed(names)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        ga, = torch.autograd.grad((a * weights[:a.shape[0]]).sum(), full.ctx)
+        gb, = torch.autograd.grad((b * weights[:b.shape[0]]).sum(), trimmed.ctx)
+        assert (gb - ga).abs().max() <= 1e-4 * ga.abs().max()  # fp32 rounding of other GEMM shapes
+
+
 def test_prompt_learner_random_init_and_errors(tiny):
     model, _, tokenizer = tiny
     torch.manual_seed(0)

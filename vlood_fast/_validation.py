@@ -33,7 +33,8 @@ def finite_checks_enabled() -> bool:
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """With VLOOD_FAST_CHECK_FINITE=1, reject NaN/Inf. Off by default: on CUDA the check is a
-    device-to-host sync per tensor."""
+    device-to-host sync per tensor. Skipped while torch.compile traces (it would break the
+    graph); the custom ops of ops/library.py run it when the compiled graph runs."""
     if finite_checks_enabled() and not torch.compiler.is_compiling() \
             and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or Inf values ({CHECK_FINITE_ENV}=1 is set)")
@@ -69,13 +70,21 @@ def check_labels(labels, batch: int, num_classes: int, device: torch.device) -> 
         raise ValueError(f"labels must have shape [{batch}] (one per image row), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the features are on {device}")
-    if torch.compiler.is_compiling():
-        return labels.long()  # the range check reads values: a graph break under torch.compile
-    lo, hi = int(labels.min()), int(labels.max())
+    if not torch.compiler.is_compiling():
+        # reading values while torch.compile traces would break the graph: the custom ops of
+        # ops/library.py run this check when the compiled graph runs instead
+        check_label_range(labels, num_classes)
+    return labels.long()
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Every label in [0, num_classes): a device-to-host read (one sync on CUDA)."""
+    if labels.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) (the number of text rows), "
                          f"got values in [{lo}, {hi}]")
-    return labels.long()
 
 
 def check_positive(name: str, value) -> float:
@@ -89,7 +98,9 @@ def check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
     value = float(value)
-    if not (math.isfinite(value) and value > 0):
+    # comparisons rather than math.isfinite: they also trace when torch.compile hands in a
+    # symbolic float (dynamic=True, or a value that changed between calls)
+    if not (0 < value < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
 

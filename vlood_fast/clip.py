@@ -238,6 +238,14 @@ def _check_classnames(classnames):
 
 
 # ---------------------------------------------------------------- CoOp prompt learner
+def _is_causal(mask) -> bool:
+    """True for open_clip's additive causal mask: 0 on and below the diagonal, -inf above."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
 class _TextTower:
     """The pieces of an open_clip text encoder, for CLIP and CustomTextCLIP(TextTransformer)."""
 
@@ -261,7 +269,19 @@ class _TextTower:
         self.text_projection = src.text_projection
         self.attn_mask = src.attn_mask
         self.pool_type, self.eos_id = pool, eos_id
+        # Under a causal mask, token i sees only tokens <= i: the pooled token (the EOT for
+        # argmax/eos pooling, the SOT for first) is the same whether or not the padding after
+        # the last EOT goes through the transformer. "last" pooling reads the final position.
+        self.trimmable = pool in ("argmax", "eos", "first") and _is_causal(self.attn_mask)
         self.modules = [src.token_embedding, src.transformer, src.ln_final]
+
+    def pooled_positions(self, tokens) -> int:
+        """The last position the pooling reads for any row of ``tokens`` [N, L]."""
+        if self.pool_type == "first":
+            return 0
+        if self.pool_type == "eos":
+            return int((tokens == self.eos_id).int().argmax(dim=1).max())
+        return int(tokens.argmax(dim=1).max())  # argmax: CLIP's EOT has the largest token id
 
     def cast_dtype(self):
         get = getattr(self.transformer, "get_cast_dtype", None)
@@ -301,6 +321,12 @@ class PromptLearner(torch.nn.Module):
         n_ctx: number of context vectors (default 4).
         ctx_init: text whose token embeddings initialize the context (default ``"a photo of a"``,
             4 tokens; it must tokenize to ``n_ctx`` tokens), or ``None`` for N(0, 0.02) init.
+        trim: run the transformer only over the first ``L`` positions, L = one past the last
+            end-of-text token of any prompt (default True). Exact: under the causal mask no
+            position before it sees the padding. CLIP pads every prompt to 77 tokens while
+            "a photo of a <name>." is ~10, so the forward and backward are several times
+            cheaper. Ignored (full length) for towers without a causal mask or with "last"
+            pooling; ``trim=False`` runs all positions, as CoOp's and OGEN's code do.
     Attributes:
         ctx: ``nn.Parameter [n_ctx, width]`` (float32), the only parameter of this module.
         The encoder is referenced, not registered: ``parameters()`` and ``state_dict()`` hold
@@ -315,7 +341,7 @@ class PromptLearner(torch.nn.Module):
         text_new = learner(new_classnames)     # same context, other classes
     """
 
-    def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a"):
+    def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", trim=True):
         super().__init__()
         tower = _TextTower(model)
         for module in tower.modules:
@@ -344,6 +370,7 @@ class PromptLearner(torch.nn.Module):
             ctx = torch.randn(n_ctx, weight.shape[1], device=weight.device) * 0.02
             self.prompt_prefix = " ".join(["X"] * n_ctx)
         self.n_ctx = n_ctx
+        self.trim = bool(trim) and tower.trimmable
         self.ctx = torch.nn.Parameter(ctx)
         self.classnames = _check_classnames(classnames)
         tokens, prefix, suffix = self._class_tokens(self.classnames)
@@ -372,6 +399,8 @@ class PromptLearner(torch.nn.Module):
                                      f"length {self.context_length}")
         tower = self._tower
         tokens = self.tokenizer(prompts).to(tower.token_embedding.weight.device)
+        if self.trim:  # one past the last position any prompt pools from
+            tokens = tokens[:, :max(tower.pooled_positions(tokens) + 1, 1 + self.n_ctx)]
         with torch.no_grad():
             embedding = tower.token_embedding(tokens)
         return tokens, embedding[:, :1], embedding[:, 1 + self.n_ctx:]

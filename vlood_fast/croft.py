@@ -17,15 +17,24 @@ Deviations from the paper's code (kept on purpose, see the README): the penalty 
 the forward (the code applies the weight untransposed in one place and transposed in the
 other); the generator step updates only the generator.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validation as V
-from .ops.edr import PRESETS, edr_penalty
+from .dispatch import resolve_backend
+from .ops.edr import PRESETS, adapter_map, croft_terms, edr_penalty
 from .ops.similarity_lse import clip_cross_entropy, similarity_logsumexp
 
-__all__ = ["CroftAdapter", "ShiftGenerator", "CroftLoss", "croft_ood_score", "label_alignment"]
+__all__ = ["CroftAdapter", "CroftAdapted", "ShiftGenerator", "CroftLoss", "croft_ood_score",
+           "label_alignment"]
+
+
+def _linear(x, weight, ratio):
+    """``r x W^T + (1-r) x`` in one addmm (``ops.edr.adapter_map``)."""
+    return adapter_map(x, weight, ratio)
 
 
 def _positive_dim(dim):
@@ -70,8 +79,7 @@ class CroftAdapter(nn.Module):
         V.check_matrix(name, x, f"[N, {self.dim}]")
         if x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [N, {self.dim}], got {tuple(x.shape)}")
-        a = torch.addmm(x, x, weight.to(x.dtype).t(), beta=1 - ratio, alpha=ratio)
-        return F.normalize(a, dim=1)
+        return F.normalize(_linear(x, weight, ratio), dim=1)
 
     def image(self, x):
         """Adapted, normalized image features ``[B, D]``."""
@@ -108,13 +116,20 @@ class ShiftGenerator(nn.Module):
 
 
 def label_alignment(x, y, labels):
-    """``align(X, Y) = mean over all B^2 pairs of [y_a = y_b] * (x_a . y_b)`` without a B x B mask
-    product: per class c, ``sum_c (sum_{a in c} x_a) . (sum_{b in c} y_b) / B^2``."""
-    B, D = x.shape
-    num = int(labels.max()) + 1
-    sx = torch.zeros(num, D, dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    sy = torch.zeros(num, D, dtype=y.dtype, device=y.device).index_add_(0, labels, y)
-    return (sx * sy).sum() / (B * B)
+    """``align(X, Y) = mean over all B^2 pairs of [y_a = y_b] * (x_a . y_b)``, as
+    ``<X, mask Y> / B^2`` (one B x B x D product, no B x B similarity matrix)."""
+    B = x.shape[0]
+    mask = (labels[:, None] == labels[None, :]).to(y.dtype)
+    return torch.vdot(torch.mm(mask, y).view(-1), x.reshape(-1)) / (B * B)
+
+
+class CroftAdapted(NamedTuple):
+    """Adapted rows of one batch: ``a = r F W_i^T + (1-r) F``, ``u = normalize(a)``,
+    ``e = r_t G W_t^T + (1-r_t) G``, ``v = normalize(e)`` (with autograd graphs to the adapter)."""
+    a: torch.Tensor
+    u: torch.Tensor
+    e: torch.Tensor
+    v: torch.Tensor
 
 
 class CroftLoss(nn.Module):
@@ -130,6 +145,8 @@ class CroftLoss(nn.Module):
     normalized image features ``[B, D]``, integer labels ``[B]`` and frozen normalized text
     features ``[K, D]``; each returns ``(total, parts)`` with named scalar components
     (``ce``, ``shift_ce``, ``align``, ``edr``; the generator step: ``shift_ce``, ``align``).
+    ``step(...)`` runs a whole training step (generator step(s), then the main step) sharing
+    the adapted rows between them (``adapt``, ``adapted=``).
 
     Example::
 
@@ -137,6 +154,7 @@ class CroftLoss(nn.Module):
         crit = CroftLoss(adapter, gen, preset="setup1")
         g_loss, _ = crit.generator_step(feats, y, text); g_loss.backward(); gen_opt.step()
         loss, parts = crit.main(feats, y, text); loss.backward(); adapter_opt.step()
+        # or, sharing the adapted rows: crit.step(feats, y, text, adapter_opt, gen_opt)
     """
 
     def __init__(self, adapter: CroftAdapter, generator: ShiftGenerator | None = None,
@@ -153,44 +171,114 @@ class CroftLoss(nn.Module):
         self.logit_scale = V.check_positive("logit_scale", logit_scale)
         self.temperature = V.check_positive("temperature", temperature)
 
-    def _check(self, features, labels, text):
+    def _check_features(self, features, text):
         V.check_matrix("features", features, "[B, D]")
         V.check_matrix("text", text, "[K, D]")
         V.check_same_dim("features", features, "text", text)
         V.check_compatible(features=features, text=text)
+        if features.shape[1] != self.adapter.dim:
+            raise ValueError(f"features must have shape [B, {self.adapter.dim}] (the adapter's dim), "
+                             f"got {tuple(features.shape)}")
+
+    def _check(self, features, labels, text):
+        self._check_features(features, text)
         return V.check_labels(labels, features.shape[0], text.shape[0], features.device)
 
-    def generator_step(self, features, labels, text):
+    def adapt(self, features, text):
+        """``CroftAdapted(a, u, e, v)`` for one batch, with graphs to the adapter weights.
+
+        Pass it as ``adapted=`` to ``generator_step`` and ``main`` of the same step (the adapter
+        does not move in between): the text side, a [K, D] x [D, D] product, is then computed
+        once per step instead of twice (``step`` does this)."""
+        self._check_features(features, text)
+        ad = self.adapter
+        a = _linear(features, ad.image_weight, ad.ratio)
+        e = _linear(text, ad.text_weight, ad.ratio_text)
+        return CroftAdapted(a, F.normalize(a, dim=1), e, F.normalize(e, dim=1))
+
+    def generator_step(self, features, labels, text, adapted=None):
         """WCCF loss for the generator: ``CE(s C V^T, y) + lambda1 align(C, U)`` (adapter frozen)."""
         if self.generator is None:
             raise RuntimeError("generator_step needs a ShiftGenerator (WCCF is off)")
         y = self._check(features, labels, text)
-        with torch.no_grad():
-            u, v = self.adapter.image(features), self.adapter.text(text)
+        if adapted is None:
+            with torch.no_grad():
+                u, v = self.adapter.image(features), self.adapter.text(text)
+        else:
+            u, v = adapted.u.detach(), adapted.v.detach()
         c = self.generator(u)
         parts = {"shift_ce": clip_cross_entropy(c, v, y, self.logit_scale),
                  "align": label_alignment(c, u, y)}
         total = parts["shift_ce"] + self.lambda1 * parts["align"]
         return total, dict(parts, total=total)
 
-    def main(self, features, labels, text):
-        """Adapter loss: ``CE(s U V^T) [+ CE(s A_i(C) V^T) - lambda1 align(C, F)] + lambda2 R``."""
+    def main(self, features, labels, text, adapted=None):
+        """Adapter loss: ``CE(s U V^T) [+ CE(s A_i(C) V^T) - lambda1 align(C, F)] + lambda2 R``.
+
+        Differentiates w.r.t. the adapter only (the generator's M is held fixed here). The
+        cross-entropies and the penalty share the adapted rows and, on the torch path, every
+        N x K product (``ops.edr.croft_terms``): one [K, D] x [D, D] product and one W_t
+        gradient GEMM serve all three terms."""
         y = self._check(features, labels, text)
-        u, v = self.adapter.image(features), self.adapter.text(text)
-        parts = {"ce": clip_cross_entropy(u, v, y, self.logit_scale)}
-        z = features
+        st = adapted if adapted is not None else self.adapt(features, text)
+        ad, B = self.adapter, features.shape[0]
         if self.generator is not None:
-            c = self.generator(u)  # M is not stepped here: only the adapter's optimizer runs
-            parts["shift_ce"] = clip_cross_entropy(self.adapter.image(c), v, y, self.logit_scale)
+            u = st.u
+            c = F.normalize(torch.addmm(u, u, self.generator.weight.detach().to(u.dtype).t()), dim=1)
+            a_c = _linear(c, ad.image_weight, ad.ratio)
+            a, z, yy = torch.cat([st.a, a_c]), torch.cat([features, c]), torch.cat([y, y])
+        else:
+            a, z, yy = st.a, features, y
+        kw = dict(ratio=ad.ratio, ratio_text=ad.ratio_text, temperature=self.temperature,
+                  **PRESETS[self.preset])
+        which = resolve_backend(features.device, features.dtype)
+        if which == "reference" or torch.compiler.is_compiling():
+            # the literal composition (the reference), or opaque custom ops for torch.compile
+            ce = clip_cross_entropy(F.normalize(a, dim=1), st.v, yy, self.logit_scale,
+                                    reduction="none", backend=which)
+            edr = edr_penalty(z, text, ad.image_weight.to(z.dtype), ad.text_weight.to(z.dtype), **kw,
+                              backend=which)
+        else:
+            ce, edr = croft_terms(a, st.e, z, text, yy, self.logit_scale, **kw, backend=which)
+        parts = {"ce": ce[:B].mean()}
+        if self.generator is not None:
+            parts["shift_ce"] = ce[B:].mean()
             parts["align"] = label_alignment(c, features, y)
-            z = torch.cat([features, c])
-        parts["edr"] = edr_penalty(z, text, self.adapter.image_weight.to(z.dtype),
-                                   self.adapter.text_weight.to(z.dtype), self.adapter.ratio,
-                                   self.adapter.ratio_text, self.temperature, **PRESETS[self.preset])
+        parts["edr"] = edr
         total = parts["ce"] + self.lambda2 * parts["edr"]
         if self.generator is not None:
             total = total + parts["shift_ce"] - self.lambda1 * parts["align"]
         return total, dict(parts, total=total)
+
+    def step(self, features, labels, text, optimizer, generator_optimizer=None, gen_steps=1):
+        """One CRoFT training step: ``gen_steps`` generator steps, then the main step; each is
+        forward + backward + ``optimizer.step()``. The adapted rows are computed once and
+        shared. Returns the named components (detached) of the last generator and main losses.
+
+        Example::
+
+            opt = torch.optim.SGD(adapter.parameters(), lr=0.002, weight_decay=0.1)
+            gen_opt = torch.optim.SGD(generator.parameters(), lr=0.002, weight_decay=0.1)
+            logs = criterion.step(feats, labels, text, opt, gen_opt)
+        """
+        self._check(features, labels, text)
+        st = self.adapt(features, text)
+        logs = {}
+        if self.generator is not None and gen_steps > 0:
+            if generator_optimizer is None:
+                raise ValueError("generator_optimizer is required when the generator (WCCF) is on")
+            for _ in range(gen_steps):
+                g_loss, g_parts = self.generator_step(features, labels, text, adapted=st)
+                generator_optimizer.zero_grad(set_to_none=True)
+                g_loss.backward()
+                generator_optimizer.step()
+            logs.update({f"gen_{k}": v.detach() for k, v in g_parts.items()})
+        loss, parts = self.main(features, labels, text, adapted=st)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        logs.update({k: v.detach() for k, v in parts.items()})
+        return logs
 
     def forward(self, features, labels, text):
         return self.main(features, labels, text)

@@ -68,15 +68,6 @@ def paper_croft_step(features, labels, text, adapter, generator, opt_adapter, op
 
 
 def vlood_croft_step(features, labels, text, criterion, opt_adapter, opt_generator, gen_steps=1):
-    """vlood_fast's step (what ``train_croft`` runs): fused CE, closed-form EDR."""
-    for _ in range(gen_steps):
-        g_loss, _ = criterion.generator_step(features, labels, text)
-        opt_generator.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_generator.step()
-    loss, _ = criterion.main(features, labels, text)
-    opt_adapter.zero_grad(set_to_none=True)
-    criterion.generator.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_adapter.step()
-    return loss.detach()
+    """vlood_fast's step (``CroftLoss.step``): adapted rows shared by both steps, fused CE,
+    closed-form EDR from the same rows."""
+    return criterion.step(features, labels, text, opt_adapter, opt_generator, gen_steps)["total"]

@@ -4,8 +4,10 @@ Per step, OGEN's public trainer (``trainers/ogen.py``, ``forward_backward``) run
 encoder on the batch, the text encoder once for the base prompts and once more for the new
 prompts, the generator; after the warm-up it then runs the whole model a second time only to
 read two target tensors, and back-propagates through the first pass. ``paper_ogen_step``
-reproduces that work with our modules; vlood_fast's step (``vlood_ogen_step``) encodes the
-images once for the whole run (cached features) and gets base and new text from one forward.
+reproduces that work with our modules (prompt learners built with ``trim=False``: CoOp's
+prompt learner runs all context-length positions); vlood_fast's step (``vlood_ogen_step``)
+encodes the images once for the whole run (cached features) and gets base and new text from
+one forward that stops after the last end-of-text token.
 """
 import torch
 import torch.nn.functional as F
