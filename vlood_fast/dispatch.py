@@ -24,7 +24,21 @@ def interpreting() -> bool:
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
-    """The backend that runs an op on tensors of this device and dtype."""
+    """The backend that runs an op on tensors of this device and dtype.
+
+    Args:
+        device: the inputs' device; dtype: their dtype (fp64 on "triton" falls back to "torch":
+            the kernels accumulate in fp32, fp64 is a checking dtype).
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (then ``VLOOD_FAST_BACKEND``,
+            then the device: CUDA -> "triton", anything else -> "torch").
+    Returns: one of ``BACKENDS``. Raises ``ValueError`` for an unknown name and
+    ``RuntimeError`` for "triton" without triton, or on CPU tensors without ``TRITON_INTERPRET=1``.
+
+    Example::
+
+        resolve_backend(torch.device("cpu"), torch.float32)           # "torch"
+        resolve_backend(torch.device("cpu"), torch.float32, "reference")  # "reference"
+    """
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if requested is not None and requested not in BACKENDS:
         source = "backend" if backend is not None else ENV_VAR

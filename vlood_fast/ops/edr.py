@@ -42,7 +42,7 @@ def _acc_dtype(dtype):
 
 def _adapt(x, weight_eff):
     """(|a| clamped, u = a / |a|, clamped-mask or None) for a = x W_eff^T."""
-    return _normalize(torch.mm(x, weight_eff.t()))
+    return _normalize(weight_eff(x))
 
 
 def _normalize(a):
@@ -54,11 +54,24 @@ def _normalize(a):
     return norm, a / norm, clamped
 
 
+class _Effective:
+    """The adapter map W_eff = r W + (1 - r) I, applied without building W_eff: each product is
+    one addmm (``r x W^T + (1 - r) x``), so no D x D temporary is written per call."""
+
+    def __init__(self, weight, ratio):
+        self.weight, self.ratio = weight, ratio
+
+    def __call__(self, x):
+        """x W_eff^T."""
+        return torch.addmm(x, x, self.weight.t(), beta=1 - self.ratio, alpha=self.ratio)
+
+    def transposed(self, y):
+        """y W_eff."""
+        return torch.addmm(y, y, self.weight, beta=1 - self.ratio, alpha=self.ratio)
+
+
 def _effective(weight, ratio):
-    """W_eff = r W + (1 - r) I, so that the adapter map is a = x W_eff^T."""
-    eff = weight * ratio
-    eff.diagonal().add_(1 - ratio)
-    return eff
+    return _Effective(weight, ratio)
 
 
 def _penalty(G, cr):
@@ -113,7 +126,7 @@ def _text_grads(ge, gedot, g_rows, wt_eff, H_t, need_g, need_wt):
     ``gedot r_t H`` and the second slot returns grad e itself."""
     if wt_eff is None:
         return (torch.mm(gedot, H_t) if need_g else None), (ge if need_wt else None)
-    gg = torch.mm(ge, wt_eff).addmm_(gedot, H_t) if need_g else None
+    gg = wt_eff.transposed(ge).addmm_(gedot, H_t) if need_g else None
     return gg, torch.mm(ge.t(), g_rows) if need_wt else None
 
 
@@ -153,24 +166,26 @@ class _EDRPenalty(torch.autograd.Function):
         wi_eff, wt_eff = _effective(wi.to(acc), r), _effective(wt.to(acc), rt)
         na, u, cu = _adapt(z32, wi_eff)
         G, row, text_state = _forward_sums(u, na, cu, z32, g32, wt_eff, None, r, rt, inv_t, cphi, backend)
-        ctx.save_for_backward(z, g, wi, wt, G, row, *text_state)
+        # u and |a| ([N, D] + [N]) are kept: recomputing them costs an N x D x D product
+        ctx.save_for_backward(z, g, wi, wt, G, row, u, na, *text_state)
+        ctx.clamped = cu
         ctx.consts = (r, rt, inv_t, cphi, cr, backend)
         # the norm is taken in fp64: |G|^2 can exceed fp32 at small temperatures
         return _penalty(G, cr)
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, g, wi, wt, G, row, *text_state = ctx.saved_tensors
+        z, g, wi, wt, G, row, u, na, *text_state = ctx.saved_tensors
         r, rt = ctx.consts[:2]
         acc = G.dtype
         z32, g32 = z.to(acc), g.to(acc)
         wi_eff, wt_eff = _effective(wi.to(acc), r), _effective(wt.to(acc), rt)
         need = ctx.needs_input_grad
-        H, ga, gadot, gg, gwt = _backward_sums(_adapt(z32, wi_eff), z32, g32, wt_eff, None, G, row,
+        H, ga, gadot, gg, gwt = _backward_sums((na, u, ctx.clamped), z32, g32, wt_eff, None, G, row,
                                                text_state, grad_out, ctx.consts, need[1], need[3])
         gz = gwi = None
         if need[0]:
-            gz = torch.mm(ga, wi_eff).addmm_(gadot, H, alpha=r).to(z.dtype)
+            gz = wi_eff.transposed(ga).addmm_(gadot, H, alpha=r).to(z.dtype)
         if need[2]:
             gwi = torch.mm(ga.t(), z32).mul_(r).to(wi.dtype)
         return (gz, gg.to(g.dtype) if need[1] else None, None if not need[2] else gwi,
@@ -419,7 +434,7 @@ def _torch_forward(u, g, wt_eff, inv_t, cphi, keep=False, e=None):
     given (``wt_eff=None``) the text rows are normalized from it instead."""
     us = u * inv_t
     row = torch.zeros_like(u)
-    g_text = torch.zeros(u.shape[1], u.shape[1], dtype=u.dtype, device=u.device)
+    g_text = None  # the first chunk's product starts it: no D x D zero fill
     step = _chunk(u.shape[0], g.shape[0])
     for k0 in range(0, g.shape[0], step):
         gc = g[k0:k0 + step]
@@ -427,7 +442,7 @@ def _torch_forward(u, g, wt_eff, inv_t, cphi, keep=False, e=None):
         p = torch.mm(us, v.t()).exp_()
         row.addmm_(p, v)
         beta = _project(v, torch.mm(p.t(), u), cv).mul_(cphi * inv_t / ne)
-        g_text.addmm_(beta.t(), gc)
+        g_text = torch.mm(beta.t(), gc) if g_text is None else g_text.addmm_(beta.t(), gc)
     single = step >= g.shape[0]
     text_state = (v, ne) if keep and single and cv is None else ()
     return row, g_text, text_state
@@ -445,10 +460,8 @@ def _torch_backward(u, udot, g, wt_eff, H, rt, inv_t, cphi, text_state=(), need_
     H_t = H * rt
     qv, pvd = torch.zeros_like(u), torch.zeros_like(u)
     gg = torch.empty_like(g) if need_g else None
-    if wt_eff is None:
-        gwt = u.new_empty(g.shape) if need_wt else None   # grad e
-    else:
-        gwt = torch.zeros(D, D, dtype=u.dtype, device=u.device) if need_wt else None
+    # grad e [K, D] when e was given; else grad W_t / r_t [D, D], started by the first chunk
+    gwt = u.new_empty(g.shape) if need_wt and wt_eff is None else None
     u_udot = torch.cat([u, udot], dim=1)                       # [N, 2D]
     step = _chunk(u.shape[0], g.shape[0])
     for k0 in range(0, g.shape[0], step):
@@ -476,7 +489,7 @@ def _torch_backward(u, udot, g, wt_eff, H, rt, inv_t, cphi, text_state=(), need_
             if wt_eff is None:
                 gwt[k0:k0 + step] = gwt_c
             else:
-                gwt += gwt_c
+                gwt = gwt_c if gwt is None else gwt.add_(gwt_c)
     return qv, pvd, gg, gwt
 
 

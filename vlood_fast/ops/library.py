@@ -141,9 +141,12 @@ def edr_penalty_backward(grad: torch.Tensor, z: torch.Tensor, g: torch.Tensor, w
                          wt: torch.Tensor, G: torch.Tensor, row: torch.Tensor, r: float, rt: float,
                          inv_t: float, cphi: float, cr: float, backend: str,
                          needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (z, g, wi, wt) from ``_EDRPenalty.backward``, fed the state it saves."""
-    ctx = _Ctx(saved_tensors=(z, g, wi, wt, G, row), consts=(r, rt, inv_t, cphi, cr, backend),
-               needs_input_grad=tuple(needs))
+    """Gradients w.r.t. (z, g, wi, wt) from ``_EDRPenalty.backward``, fed the state it saves
+    (the adapted rows u, |a| are recomputed here: custom-op outputs stay R, G and the row sums)."""
+    acc = G.dtype
+    na, u, clamped = _edr._adapt(z.to(acc), _edr._effective(wi.to(acc), r))
+    ctx = _Ctx(saved_tensors=(z, g, wi, wt, G, row, u, na), consts=(r, rt, inv_t, cphi, cr, backend),
+               needs_input_grad=tuple(needs), clamped=clamped)
     grads = _edr._EDRPenalty.backward(ctx, grad)[:4]
     return tuple(_grad_or_empty(d, like, need) for d, like, need in zip(grads, (z, g, wi, wt), needs))
 
