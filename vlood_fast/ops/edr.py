@@ -84,6 +84,11 @@ def _penalty(G, cr):
     return (cr * torch.linalg.vector_norm(G, dtype=torch.float64).square()).to(G.dtype)
 
 
+def _scaled_mm(a, b, alpha):
+    """alpha * a @ b with the scale applied inside the GEMM (no pass over the output)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+
+
 def _rowdot(x, w):
     return torch.linalg.vecdot(x, w, dim=1).unsqueeze(1)
 
@@ -187,7 +192,7 @@ class _EDRPenalty(torch.autograd.Function):
         if need[0]:
             gz = wi_eff.transposed(ga).addmm_(gadot, H, alpha=r).to(z.dtype)
         if need[2]:
-            gwi = torch.mm(ga.t(), z32).mul_(r).to(wi.dtype)
+            gwi = _scaled_mm(ga.t(), z32, r).to(wi.dtype)
         return (gz, gg.to(g.dtype) if need[1] else None, None if not need[2] else gwi,
                 gwt.mul_(rt).to(wt.dtype) if need[3] else None, None, None, None, None, None, None)
 
@@ -271,7 +276,7 @@ class _AdapterMap(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.addmm(grad, grad, weight.to(grad.dtype), beta=1 - r, alpha=r)
         if ctx.needs_input_grad[1]:
-            gw = torch.mm(grad.t(), x).mul_(r).to(weight.dtype)
+            gw = _scaled_mm(grad.t(), x, r).to(weight.dtype)
         return gx, gw, None
 
 
