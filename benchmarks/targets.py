@@ -69,6 +69,11 @@ def croft_step_case():
             lambda: vlood_croft_step(feats, labels, text, crit, voa, vog))
 
 
+def synthesis_case(U):
+    from bench_synthesis import make_step
+    return make_step("reference", U, U), make_step("torch", U, U)
+
+
 CASES = {
     "energy fwd+bwd 256x1000x512": lambda: lse_case("energy", (256, 1000, 512)),
     "cross-entropy fwd+bwd 256x1000x512": lambda: lse_case("cross_entropy", (256, 1000, 512)),
@@ -79,6 +84,8 @@ CASES = {
     "EDR fwd+bwd 64x400x512 (all grads)": lambda: edr_case((64, 400, 512), "all"),
     "EDR fwd+bwd 256x21843x512 (all grads)": lambda: edr_case((256, 21843, 512), "all"),
     "CRoFT training step B=32 K=400 D=512": croft_step_case,
+    "OGEN synthesis fwd+bwd U=C=1000": lambda: synthesis_case(1000),
+    "OGEN synthesis fwd+bwd U=C=21843": lambda: synthesis_case(21843),
 }
 
 
@@ -93,7 +100,7 @@ def main(argv=None):
             continue
         ref, fast = build()
         ref(), fast()  # warm-up
-        small = "21843" not in name
+        small = "21843" not in name  # the big cases: fewer repeats
         reps = args.repeats * (4 if small else 1)
         times = {"ref": [], "fast": []}
         for _ in range(reps):
