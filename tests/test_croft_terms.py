@@ -179,3 +179,16 @@ def test_croft_loss_step_equals_separate_steps(rng):
     assert {"gen_shift_ce", "gen_align", "ce", "shift_ce", "align", "edr", "total"} <= set(logs)
     with pytest.raises(ValueError, match="generator_optimizer is required"):
         c1.step(x, y, t, o1)
+
+
+def test_fused_path_rejects_overflowing_temperatures_and_bad_reductions(rng):
+    """The fused path validates like edr_penalty: 1/T > 40 would overflow exp(u.v / T) in fp32."""
+    z, g, wi, wt, y = _inputs(rng, 6, 5, 8, dtype=torch.float32)
+    a, e = edr_ops.adapter_map(z, wi, 0.2), edr_ops.adapter_map(g, wt, 0.5)
+    with pytest.raises(ValueError, match=r"1/temperature must be <= 40"):
+        edr_ops.croft_terms(a, e, z, g, y, temperature=0.01)
+    with pytest.raises(ValueError, match="potential"):
+        edr_ops.croft_terms(a, e, z, g, y, potential="max")
+    crit = vlood_fast.CroftLoss(vlood_fast.CroftAdapter(8), vlood_fast.ShiftGenerator(8), temperature=0.01)
+    with pytest.raises(ValueError, match=r"1/temperature must be <= 40"):
+        crit.main(z.detach(), y, g.detach())

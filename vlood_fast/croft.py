@@ -32,11 +32,6 @@ __all__ = ["CroftAdapter", "CroftAdapted", "ShiftGenerator", "CroftLoss", "croft
            "label_alignment"]
 
 
-def _linear(x, weight, ratio):
-    """``r x W^T + (1-r) x`` in one addmm (``ops.edr.adapter_map``)."""
-    return adapter_map(x, weight, ratio)
-
-
 def _positive_dim(dim):
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -79,7 +74,7 @@ class CroftAdapter(nn.Module):
         V.check_matrix(name, x, f"[N, {self.dim}]")
         if x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [N, {self.dim}], got {tuple(x.shape)}")
-        return F.normalize(_linear(x, weight, ratio), dim=1)
+        return F.normalize(adapter_map(x, weight, ratio), dim=1)
 
     def image(self, x):
         """Adapted, normalized image features ``[B, D]``."""
@@ -192,8 +187,8 @@ class CroftLoss(nn.Module):
         once per step instead of twice (``step`` does this)."""
         self._check_features(features, text)
         ad = self.adapter
-        a = _linear(features, ad.image_weight, ad.ratio)
-        e = _linear(text, ad.text_weight, ad.ratio_text)
+        a = adapter_map(features, ad.image_weight, ad.ratio)
+        e = adapter_map(text, ad.text_weight, ad.ratio_text)
         return CroftAdapted(a, F.normalize(a, dim=1), e, F.normalize(e, dim=1))
 
     def generator_step(self, features, labels, text, adapted=None):
@@ -225,7 +220,7 @@ class CroftLoss(nn.Module):
         if self.generator is not None:
             u = st.u
             c = F.normalize(torch.addmm(u, u, self.generator.weight.detach().to(u.dtype).t()), dim=1)
-            a_c = _linear(c, ad.image_weight, ad.ratio)
+            a_c = adapter_map(c, ad.image_weight, ad.ratio)
             a, z, yy = torch.cat([st.a, a_c]), torch.cat([features, c]), torch.cat([y, y])
         else:
             a, z, yy = st.a, features, y

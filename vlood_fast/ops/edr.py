@@ -20,6 +20,7 @@ Zero rows: norms are clamped at ``EPS`` exactly like ``F.normalize`` (the refere
 feature row gives u = 0, a finite penalty and finite gradients.
 """
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _validation as V
@@ -70,8 +71,18 @@ class _Effective:
         return torch.addmm(y, y, self.weight, beta=1 - self.ratio, alpha=self.ratio)
 
 
-def _effective(weight, ratio):
-    return _Effective(weight, ratio)
+def _constants(N, K, D, temperature, potential, penalty):
+    """Validated (1/T, c_phi, c_R) for N image rows, K text rows and dim D (DESIGN.md section 2).
+    1/T above MAX_INV_TEMPERATURE is rejected: exp(u.v / T) would overflow fp32."""
+    temperature = V.check_positive("temperature", temperature)
+    if 1.0 / temperature > MAX_INV_TEMPERATURE:
+        raise ValueError(f"1/temperature must be <= {MAX_INV_TEMPERATURE:g} (exp(u.v/T) would "
+                         f"overflow fp32), got temperature={temperature}")
+    V.check_choice("potential", potential, ("sum", "mean"))
+    V.check_choice("penalty", penalty, ("mean", "sum"))
+    cphi = 1.0 / (N * K) if potential == "mean" else 1.0
+    cr = 1.0 / D ** 2 if penalty == "mean" else 1.0
+    return 1.0 / temperature, cphi, cr
 
 
 def _penalty(G, cr):
@@ -168,7 +179,7 @@ class _EDRPenalty(torch.autograd.Function):
     def forward(ctx, z, g, wi, wt, r, rt, inv_t, cphi, cr, backend):
         acc = _acc_dtype(z.dtype)
         z32, g32 = z.to(acc), g.to(acc)
-        wi_eff, wt_eff = _effective(wi.to(acc), r), _effective(wt.to(acc), rt)
+        wi_eff, wt_eff = _Effective(wi.to(acc), r), _Effective(wt.to(acc), rt)
         na, u, cu = _adapt(z32, wi_eff)
         G, row, text_state = _forward_sums(u, na, cu, z32, g32, wt_eff, None, r, rt, inv_t, cphi, backend)
         # u and |a| ([N, D] + [N]) are kept: recomputing them costs an N x D x D product
@@ -184,7 +195,7 @@ class _EDRPenalty(torch.autograd.Function):
         r, rt = ctx.consts[:2]
         acc = G.dtype
         z32, g32 = z.to(acc), g.to(acc)
-        wi_eff, wt_eff = _effective(wi.to(acc), r), _effective(wt.to(acc), rt)
+        wi_eff, wt_eff = _Effective(wi.to(acc), r), _Effective(wt.to(acc), rt)
         need = ctx.needs_input_grad
         H, ga, gadot, gg, gwt = _backward_sums((na, u, ctx.clamped), z32, g32, wt_eff, None, G, row,
                                                text_state, grad_out, ctx.consts, need[1], need[3])
@@ -243,29 +254,24 @@ def edr_penalty_adapted(a, e, z, g, ratio=0.2, ratio_text=0.5, temperature=1.0, 
         raise ValueError(f"a {tuple(a.shape)} must match z {tuple(z.shape)} and e {tuple(e.shape)} "
                          f"must match text_features {tuple(g.shape)}, all with one D")
     V.check_compatible(a=a, e=e, z=z, text_features=g)
-    temperature = V.check_positive("temperature", temperature)
-    if 1.0 / temperature > MAX_INV_TEMPERATURE:
-        raise ValueError(f"1/temperature must be <= {MAX_INV_TEMPERATURE:g}, got temperature={temperature}")
+    inv_t, cphi, cr = _constants(z.shape[0], g.shape[0], z.shape[1], temperature, potential, penalty)
     which = resolve_backend(z.device, z.dtype, backend)
-    N, K, D = z.shape[0], g.shape[0], z.shape[1]
-    cphi = 1.0 / (N * K) if potential == "mean" else 1.0
-    cr = 1.0 / D ** 2 if penalty == "mean" else 1.0
     if which == "reference":
         raise ValueError("edr_penalty_adapted has no reference backend; use edr_penalty")
-    return _EDRFromAdapted.apply(a, e, z, g, float(ratio), float(ratio_text), 1.0 / temperature,
-                                 cphi, cr, which).to(z.dtype)
+    return _EDRFromAdapted.apply(a, e, z, g, float(ratio), float(ratio_text), inv_t, cphi, cr,
+                                 which).to(z.dtype)
 
 
 class _AdapterMap(torch.autograd.Function):
-    """``a = r x W^T + (1 - r) x`` (one addmm). Its backward scales the weight gradient in place
-    and returns it as a fresh dense tensor (not a view), so autograd adds the gradients of two
-    uses of one weight in place: no extra [D, D] temporaries per step."""
+    """``a = r x W^T + (1 - r) x`` (one addmm, ``_Effective``). Its backward returns the weight
+    gradient as a fresh dense tensor scaled inside its GEMM (not a view), so autograd adds the
+    gradients of two uses of one weight in place: no extra [D, D] temporaries per step."""
 
     @staticmethod
     def forward(ctx, x, weight, ratio):
         ctx.save_for_backward(x, weight)
         ctx.ratio = ratio
-        return torch.addmm(x, x, weight.to(x.dtype).t(), beta=1 - ratio, alpha=ratio)
+        return _Effective(weight.to(x.dtype), ratio)(x)
 
     @staticmethod
     @once_differentiable
@@ -274,7 +280,7 @@ class _AdapterMap(torch.autograd.Function):
         r = ctx.ratio
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(grad, grad, weight.to(grad.dtype), beta=1 - r, alpha=r)
+            gx = _Effective(weight.to(grad.dtype), r).transposed(grad)
         if ctx.needs_input_grad[1]:
             gw = _scaled_mm(grad.t(), x, r).to(weight.dtype)
         return gx, gw, None
@@ -418,15 +424,13 @@ def croft_terms(a, e, z, g, labels, logit_scale=100.0, ratio=0.2, ratio_text=0.5
     which = resolve_backend(z.device, z.dtype, backend)
     if which != "torch":
         from .similarity_lse import clip_cross_entropy
-        nrm = lambda t: t / t.norm(dim=1, keepdim=True).clamp_min(EPS)  # noqa: E731
-        ce = clip_cross_entropy(nrm(a), nrm(e), labels, logit_scale, reduction="none", backend=which)
+        ce = clip_cross_entropy(F.normalize(a, dim=1, eps=EPS), F.normalize(e, dim=1, eps=EPS), labels,
+                                logit_scale, reduction="none", backend=which)
         return ce, edr_penalty_adapted(a, e, z, g, ratio, ratio_text, temperature, potential,
                                        penalty, backend=which)
-    N, K, D = z.shape[0], g.shape[0], z.shape[1]
-    cphi = 1.0 / (N * K) if potential == "mean" else 1.0
-    cr = 1.0 / D ** 2 if penalty == "mean" else 1.0
+    inv_t, cphi, cr = _constants(z.shape[0], g.shape[0], z.shape[1], temperature, potential, penalty)
     ce, R = _CroftTerms.apply(a, e, z, g, labels, float(logit_scale), float(ratio), float(ratio_text),
-                              1.0 / temperature, cphi, cr)
+                              inv_t, cphi, cr)
     return ce.to(z.dtype), R.to(z.dtype)
 
 
@@ -563,21 +567,13 @@ def edr_penalty(z, text_features, image_weight, text_weight, ratio=0.2, ratio_te
     for name, value in (("ratio", ratio), ("ratio_text", ratio_text)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    temperature = V.check_positive("temperature", temperature)
-    if 1.0 / temperature > MAX_INV_TEMPERATURE:
-        raise ValueError(f"1/temperature must be <= {MAX_INV_TEMPERATURE:g} (exp(u.v/T) would "
-                         f"overflow fp32), got temperature={temperature}")
-    V.check_choice("potential", potential, ("sum", "mean"))
-    V.check_choice("penalty", penalty, ("mean", "sum"))
+    inv_t, cphi, cr = _constants(z.shape[0], text_features.shape[0], D, temperature, potential, penalty)
     which = resolve_backend(z.device, z.dtype, backend)
     if which == "reference":
         return reference.edr_penalty(z, text_features, image_weight, text_weight, ratio, ratio_text,
-                                     temperature, potential, penalty)
-    N, K = z.shape[0], text_features.shape[0]
-    cphi = 1.0 / (N * K) if potential == "mean" else 1.0
-    cr = 1.0 / D ** 2 if penalty == "mean" else 1.0
+                                     float(temperature), potential, penalty)
     args = (z, text_features, image_weight, text_weight, float(ratio), float(ratio_text),
-            1.0 / temperature, cphi, cr, which)
+            inv_t, cphi, cr, which)
     if torch.compiler.is_compiling():  # opaque custom op for torch.compile (ops/library.py)
         return torch.ops.vlood_fast.edr_penalty(*args)[0].to(z.dtype)
     return _EDRPenalty.apply(*args).to(z.dtype)

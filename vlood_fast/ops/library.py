@@ -144,7 +144,7 @@ def edr_penalty_backward(grad: torch.Tensor, z: torch.Tensor, g: torch.Tensor, w
     """Gradients w.r.t. (z, g, wi, wt) from ``_EDRPenalty.backward``, fed the state it saves
     (the adapted rows u, |a| are recomputed here: custom-op outputs stay R, G and the row sums)."""
     acc = G.dtype
-    na, u, clamped = _edr._adapt(z.to(acc), _edr._effective(wi.to(acc), r))
+    na, u, clamped = _edr._adapt(z.to(acc), _edr._Effective(wi.to(acc), r))
     ctx = _Ctx(saved_tensors=(z, g, wi, wt, G, row, u, na), consts=(r, rt, inv_t, cphi, cr, backend),
                needs_input_grad=tuple(needs), clamped=clamped)
     grads = _edr._EDRPenalty.backward(ctx, grad)[:4]
